@@ -1,0 +1,41 @@
+"""saescope: JumpReLU sparse autoencoders on every site of a transformer, the Gemma Scope way.
+
+``import saescope`` is light: torch, transformers and numpy load only when a name that needs
+them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Site": "saescope.sites",
+    "select_sites": "saescope.sites",
+    "load_model": "saescope.models",
+    "SAEConfig": "saescope.sae.base",
+    "SAE": "saescope.sae.base",
+    "JumpReLUSAE": "saescope.sae.jumprelu",
+    "TopKSAE": "saescope.sae.topk",
+    "BatchTopKSAE": "saescope.sae.batchtopk",
+    "ReLUSAE": "saescope.sae.relu",
+    "build_sae": "saescope.sae.registry",
+    "load_sae": "saescope.release",
+    "save_sae": "saescope.release",
+    "splice": "saescope.evaluate.splice",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saescope' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

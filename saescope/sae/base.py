@@ -1,0 +1,161 @@
+"""The contract every SAE architecture meets, and what they share.
+
+Conventions (Gemma Scope's released files, row-vector ``x @ W``):
+
+* ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc`` (d_sae), ``b_dec`` (d_in);
+  JumpReLU adds ``threshold`` (d_sae).
+* Training form (``centre_input=True``): pre-activations ``(x - b_dec) @ W_enc + b_enc`` on
+  inputs divided by a fixed scalar C (E‖x/C‖² = 1).
+* Release form (``centre_input=False``): pre-activations ``x @ W_enc + b_enc`` on *raw*
+  activations, exactly what Gemma Scope's ``params.npz`` files expect.  :meth:`SAE.fold_input_scale`
+  turns the first into the second without changing any prediction (latents are scaled by C).
+
+Shape suffixes: B batch, D d_in, F d_sae (features / latents).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SAEConfig:
+    """What defines an SAE's shape and behaviour (not how it is trained)."""
+
+    d_in: int
+    d_sae: int
+    architecture: str = "jumprelu"
+    #: training form subtracts b_dec before the encoder; the folded release form does not
+    centre_input: bool = True
+    #: TopK / BatchTopK: latents kept per token (BatchTopK: on average)
+    k: int | None = None
+    #: JumpReLU: bandwidth ε of the rectangle kernel, and the initial threshold θ₀
+    bandwidth: float = 0.001
+    threshold_init: float = 0.001
+    #: free-form provenance (model, site, …); saved in config.json, never used in maths
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class LossOutput:
+    """A training step's loss and its parts.  ``total`` is what gets back-propagated."""
+
+    total: torch.Tensor  # scalar
+    mse: torch.Tensor  # ‖x − x̂‖² summed over D, mean over B (detached)
+    sparsity: torch.Tensor  # sparsity penalty incl. its coefficient (detached)
+    aux: torch.Tensor  # auxiliary loss, e.g. TopK's dead-latent loss; 0 if none (detached)
+    l0: torch.Tensor  # mean active latents per token (detached)
+    fired_F: torch.Tensor  # per-latent count of activations in this batch (int64, detached)
+    x_hat_BD: torch.Tensor  # reconstruction (detached), for metrics such as FVU
+
+
+class SAE(nn.Module):
+    """Base class: parameters, decoder constraint, fold, array round-trip.
+
+    Subclasses implement :meth:`encode` and :meth:`loss`, set ``architecture``, and may add
+    parameters (``array_names`` lists what goes into ``params.npz``).
+    """
+
+    architecture: ClassVar[str] = ""
+    array_names: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, F = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(D, F))
+        self.W_dec = nn.Parameter(torch.empty(F, D))
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.reset_parameters()
+
+    # --- initialisation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Gemma Scope's init: W_dec He-uniform with unit-norm rows, W_enc = W_decᵀ, zero biases."""
+        bound = math.sqrt(6.0 / self.cfg.d_sae)  # He-uniform, fan_in = d_sae for the decoder
+        self.W_dec.uniform_(-bound, bound, generator=generator)
+        self.normalize_decoder_()
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # --- the maths every architecture shares -------------------------------------------------
+
+    def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if self.cfg.centre_input:
+            x_BD = x_BD - self.b_dec
+        return x_BD @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x_BD))
+
+    def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float) -> LossOutput:
+        raise NotImplementedError
+
+    # --- decoder constraint ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (after each optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out of W_dec's gradient the component parallel to each row (before each step)."""
+        if self.W_dec.grad is None:
+            return
+        rows_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        parallel_F1 = (self.W_dec.grad * rows_FD).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel_F1 * rows_FD)
+
+    # --- release form ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Turn a training-form SAE (inputs x/C, centred) into release form (raw x, uncentred).
+
+        With C = ``scale``: b_enc′ = C·(b_enc − b_dec·W_enc), b_dec′ = C·b_dec, θ′ = C·θ (in
+        subclasses that have θ); W_enc, W_dec unchanged.  Afterwards ``encode(x)`` equals
+        C·``encode_before(x/C)`` and ``forward(x)`` equals C·``forward_before(x/C)``.
+        """
+        if self.cfg.centre_input:
+            self.b_enc.sub_(self.b_dec @ self.W_enc)
+            self.cfg.centre_input = False
+        self.b_enc.mul_(scale)
+        self.b_dec.mul_(scale)
+        self._fold_extra(scale)
+
+    def _fold_extra(self, scale: float) -> None:
+        """Hook for architecture-specific parameters in raw units (JumpReLU's threshold)."""
+
+    # --- arrays (params.npz) -----------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, "torch.Tensor"]:
+        """The released arrays, float32, on CPU (names as in Gemma Scope's files)."""
+        return {name: getattr(self, name).detach().float().cpu() for name in self.array_names}
+
+    @torch.no_grad()
+    def load_arrays(self, arrays: dict[str, Any]) -> None:
+        for name in self.array_names:
+            getattr(self, name).copy_(torch.as_tensor(arrays[name]))
