@@ -1,0 +1,249 @@
+"""One SAE, its Adam optimiser and its schedules: ``SAETrainer.update(step, x_BD)``.
+
+This is the seam people writing their own loops use (as dictionary_learning's trainers), and the
+unit :class:`saescope.train.trainer.Trainer` runs many of per data pass.  A step is:
+
+1. divide the raw batch by the site's scale C (so E‖x‖² = 1, the units ε and θ₀ assume);
+2. loss at this step's λ, backward;
+3. ``reduce_grads(sae)`` if given — the data-parallel seam: an all-reduce of the gradients
+   across ranks goes here, before anything reads them;
+4. refuse to step if the batch, the loss or a gradient is NaN/Inf (:class:`NonFiniteError`:
+   the weights are untouched, so the last checkpoint and the in-memory SAE stay sound);
+5. remove the gradient component parallel to each decoder row, Adam step at this step's lr,
+   renormalise decoder rows, clamp JumpReLU's θ to stay positive.
+
+Metrics are accumulated on the device without synchronising; :meth:`SAETrainer.pop_metrics`
+turns them into floats (averages since the last pop).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from saescope.sae.base import SAE
+from saescope.sites import Site
+from saescope.train.recipe import Recipe
+
+# Metric sums accumulated per step, in this order (index into the accumulator tensors).
+_SUMS = ("steps", "loss", "mse", "l0", "aux", "resid_ss", "total_ss")
+
+
+class NonFiniteError(RuntimeError):
+    """A batch, loss or gradient was NaN/Inf: this SAE stops; the run goes on."""
+
+    def __init__(self, name: str, site: Site, step: int, cause: str):
+        self.name, self.site, self.step, self.cause = name, site, step, cause
+        super().__init__(f"SAE {name} stopped at step {step} on site {site}: {cause}")
+
+
+class SAETrainer:
+    """Trains one SAE.  ``sae`` is in training form (``centre_input=True``) on ``device``.
+
+    Args:
+        sae: the model to train.
+        recipe: optimiser and schedule settings.
+        sparsity_coefficient: the target λ (reached after the recipe's warm-up); for TopK-style
+            SAEs, whatever coefficient their ``loss`` takes (e.g. the auxiliary-loss weight).
+        n_steps: the run's length (for an optional lr decay and the final-metrics window).
+        input_scale: C for this SAE's site; batches are divided by it.
+        name, site: for error messages and logs.
+        reduce_grads: called with the SAE after backward, before the gradients are read
+            (data-parallel all-reduce).
+        final_steps: the last ``final_steps`` steps also accumulate into the "final" metrics,
+            from which the released SAE's average L0 is named.
+    """
+
+    def __init__(
+        self,
+        sae: SAE,
+        recipe: Recipe,
+        *,
+        sparsity_coefficient: float,
+        n_steps: int,
+        input_scale: float = 1.0,
+        name: str = "sae",
+        site: Site | None = None,
+        reduce_grads: Callable[[SAE], None] | None = None,
+        final_steps: int = 100,
+    ):
+        if not input_scale > 0:
+            raise ValueError(f"input_scale must be > 0, got {input_scale}")
+        self.sae = sae
+        self.recipe = recipe
+        self.sparsity_coefficient = float(sparsity_coefficient)
+        self.n_steps = n_steps
+        self.input_scale = float(input_scale)
+        self.name = name
+        self.site = site
+        self.reduce_grads = reduce_grads
+        self.final_steps = final_steps
+        self.error: str | None = None  # set when the SAE stopped (NaN/Inf)
+
+        self.device = next(sae.parameters()).device
+        self.optimizer = torch.optim.Adam(
+            sae.parameters(), lr=recipe.lr, betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps
+        )
+        F = sae.cfg.d_sae
+        #: tokens since each latent last fired (dead-latent fraction)
+        self.tokens_since_fired_F = torch.zeros(F, dtype=torch.int64, device=self.device)
+        self.tokens_seen = 0
+        self.log_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        self.final_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        self._last_step = -1
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def update(self, step: int, x_BD: torch.Tensor, *, return_metrics: bool = True) -> dict[str, float] | None:
+        """One optimiser step on raw activations ``x_BD``.  Returns this step's metrics as floats
+        (one device sync) unless ``return_metrics`` is False.  Raises :class:`NonFiniteError`."""
+        if self.error is not None:
+            raise RuntimeError(f"SAE {self.name} already stopped: {self.error}")
+        sae, recipe = self.sae, self.recipe
+        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True) / self.input_scale
+        lr = recipe.lr_at(step, self.n_steps)
+        coefficient = self.sparsity_coefficient * recipe.sparsity_factor_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=recipe.dtype == "bfloat16"):
+            out = sae.loss(x_BD, coefficient)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        if self.reduce_grads is not None:
+            self.reduce_grads(sae)
+        self._check_finite(step, x_BD, out.total)
+
+        if recipe.decoder_unit_norm:
+            sae.remove_parallel_decoder_grad_()
+        self.optimizer.step()
+        if recipe.decoder_unit_norm:
+            sae.normalize_decoder_()
+        threshold = getattr(sae, "threshold", None)
+        if isinstance(threshold, torch.Tensor):
+            with torch.no_grad():
+                threshold.clamp_(min=recipe.threshold_min)
+
+        step_sums = self._accumulate(x_BD, out, step)
+        self._last_step = step
+        if not return_metrics:
+            return None
+        return self._as_metrics(step_sums, step)
+
+    def _check_finite(self, step: int, x_BD: torch.Tensor, total: torch.Tensor) -> None:
+        """One sync: are the batch, the loss and every gradient finite?  If not, say which."""
+        grads = {n: p.grad for n, p in self.sae.named_parameters() if p.grad is not None}
+        flags = [torch.isfinite(x_BD).all(), torch.isfinite(total.detach())]
+        flags += [torch.isfinite(g).all() for g in grads.values()]
+        if bool(torch.stack(flags).all()):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if not flags[0]:
+            n_nan = int(torch.isnan(x_BD).sum())
+            n_inf = int(torch.isinf(x_BD).sum())
+            cause = f"the batch contains non-finite values ({n_nan} NaN, {n_inf} Inf)"
+        elif not flags[1]:
+            cause = f"the loss is {float(total):g}"
+        else:
+            bad = [n for n, f in zip(grads, flags[2:]) if not f]
+            cause = f"non-finite gradient in {', '.join(bad)}"
+        self.error = f"step {step}, site {self.site}: {cause}"
+        raise NonFiniteError(self.name, self.site, step, cause)
+
+    @torch.no_grad()
+    def _accumulate(self, x_BD: torch.Tensor, out, step: int) -> torch.Tensor:
+        B = x_BD.shape[0]
+        x_hat_BD = out.x_hat_BD.float()
+        resid_ss = (x_BD - x_hat_BD).pow(2).sum()
+        # FVU's denominator is the variance about the batch mean, not about zero.
+        total_ss = (x_BD - x_BD.mean(dim=0)).pow(2).sum()
+        parts = [torch.ones((), device=self.device), out.total.detach(), out.mse, out.l0, out.aux, resid_ss, total_ss]
+        step_sums = torch.stack([p.to(torch.float64) for p in parts])
+        self.log_sums += step_sums
+        if step >= self.n_steps - self.final_steps:
+            self.final_sums += step_sums
+        self.tokens_seen += B
+        fired_F = out.fired_F.to(self.device) > 0
+        self.tokens_since_fired_F = torch.where(fired_F, 0, self.tokens_since_fired_F + B)
+        return step_sums
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    def dead_fraction(self) -> torch.Tensor:
+        """Fraction of latents that did not fire in the last ``dead_window_tokens`` tokens (or, in
+        a run shorter than that, at all so far)."""
+        window = min(self.recipe.dead_window_tokens, max(self.tokens_seen, 1))
+        return (self.tokens_since_fired_F >= window).double().mean()
+
+    def _as_metrics(self, sums: torch.Tensor, step: int) -> dict[str, float]:
+        values = torch.cat([sums, self.dead_fraction().reshape(1)]).tolist()
+        named = dict(zip(_SUMS + ("dead_fraction",), values))
+        n = max(named["steps"], 1.0)
+        return {
+            "loss": named["loss"] / n,
+            "mse": named["mse"] / n,
+            "l0": named["l0"] / n,
+            "aux": named["aux"] / n,
+            "fvu": named["resid_ss"] / named["total_ss"] if named["total_ss"] > 0 else float("nan"),
+            "dead_fraction": named["dead_fraction"],
+            "lr": self.recipe.lr_at(step, self.n_steps),
+            "sparsity_coefficient": self.sparsity_coefficient * self.recipe.sparsity_factor_at(step),
+        }
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Averages since the last call (MSE and FVU in normalised units; FVU is unit-free)."""
+        metrics = self._as_metrics(self.log_sums, self._last_step)
+        metrics["steps_averaged"] = float(self.log_sums[0])
+        self.log_sums.zero_()
+        return metrics
+
+    def final_metrics(self) -> dict[str, float]:
+        """Averages over the run's last ``final_steps`` steps."""
+        metrics = self._as_metrics(self.final_sums, self._last_step)
+        metrics["steps_averaged"] = float(self.final_sums[0])
+        return metrics
+
+    # --- checkpoint state --------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue bit-identically, as named CPU tensors (safetensors)."""
+        tensors = {f"sae.{n}": p.detach() for n, p in self.sae.named_parameters()}
+        names = {p: n for n, p in self.sae.named_parameters()}
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"optimizer state {key!r} is not a tensor; cannot checkpoint it safely")
+                tensors[f"adam.{names[param]}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
+        tensors["tokens_since_fired_F"] = self.tokens_since_fired_F
+        tensors["log_sums"] = self.log_sums
+        tensors["final_sums"] = self.final_sums
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def state_meta(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "error": self.error, "last_step": self._last_step}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        params = dict(self.sae.named_parameters())
+        missing = sorted(f"sae.{n}" for n in params if f"sae.{n}" not in tensors)
+        if missing:
+            raise ValueError(f"checkpoint for {self.name} lacks {', '.join(missing)}")
+        for n, p in params.items():
+            p.copy_(tensors[f"sae.{n}"])
+        self.optimizer.state.clear()
+        for key, value in tensors.items():
+            if not key.startswith("adam."):
+                continue
+            pname, skey = key[len("adam.") :].rsplit(".", 1)
+            param = params[pname]
+            if skey == "step":  # Adam keeps its step count as a 0-d float tensor on the CPU
+                self.optimizer.state[param][skey] = value.reshape(())
+            else:
+                self.optimizer.state[param][skey] = value.to(param.device)
+        self.tokens_since_fired_F = tensors["tokens_since_fired_F"].to(self.device)
+        self.log_sums = tensors["log_sums"].to(self.device)
+        self.final_sums = tensors["final_sums"].to(self.device)
+        self.tokens_seen = int(meta["tokens_seen"])
+        self.error = meta["error"]
+        self._last_step = int(meta["last_step"])

@@ -1,0 +1,143 @@
+"""What to train: one :class:`SAESpec` per SAE, and how specs split across processes.
+
+A sweep is a list of specs (sites × widths × λ or k × architectures × seeds).  The trainer
+groups them by site, so each site's batch is read once and fed to every SAE of that site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from saescope.sites import Site
+
+#: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
+K_ARCHITECTURES = frozenset({"topk", "batchtopk"})
+
+
+def width_label(d_sae: int) -> str:
+    """Gemma Scope's width names: 16384 → '16k', 2**20 → '1m'; other widths stay numbers."""
+    if d_sae % 2**20 == 0:
+        return f"{d_sae // 2**20}m"
+    if d_sae % 1024 == 0:
+        return f"{d_sae // 1024}k"
+    return str(d_sae)
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE to train: where, which architecture, how wide, how sparse, which init seed.
+
+    JumpReLU and ReLU take a ``sparsity_coefficient`` (λ; the L0 or L1 weight); TopK and
+    BatchTopK take ``k``.  ``seed`` fixes the initialisation: two specs that differ only in λ
+    start from the same weights, which makes a λ sweep a clean comparison.
+    """
+
+    site: Site
+    architecture: str = "jumprelu"
+    d_sae: int = 16_384
+    sparsity_coefficient: float | None = None
+    k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.site, str):
+            object.__setattr__(self, "site", Site.parse(self.site))
+        if not isinstance(self.site, Site):
+            raise ValueError(f"SAESpec.site must be a Site or a site name, got {self.site!r}")
+        if self.d_sae < 1:
+            raise ValueError(f"d_sae must be >= 1, got {self.d_sae}")
+        if self.architecture in K_ARCHITECTURES:
+            if self.k is None or self.k < 1:
+                raise ValueError(f"{self.architecture} SAE on {self.site} needs k >= 1, got {self.k}")
+            if self.k > self.d_sae:
+                raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae} for {self.site}")
+        else:
+            if self.sparsity_coefficient is None or self.sparsity_coefficient < 0:
+                raise ValueError(
+                    f"{self.architecture} SAE on {self.site} needs a sparsity coefficient >= 0, "
+                    f"got {self.sparsity_coefficient}"
+                )
+
+    @property
+    def sparsity_label(self) -> str:
+        if self.architecture in K_ARCHITECTURES:
+            return f"k{self.k}"
+        return f"lambda{self.sparsity_coefficient:g}"
+
+    @property
+    def name(self) -> str:
+        """Readable and file-name safe, e.g. ``layer_12.resid_post.jumprelu.16k.lambda0.001.seed0``."""
+        return (
+            f"layer_{self.site.layer}.{self.site.kind}.{self.architecture}."
+            f"{width_label(self.d_sae)}.{self.sparsity_label}.seed{self.seed}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "site": self.site.name,
+            "architecture": self.architecture,
+            "d_sae": self.d_sae,
+            "sparsity_coefficient": self.sparsity_coefficient,
+            "k": self.k,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAESpec":
+        return cls(**d)
+
+
+def sweep(
+    sites: Iterable[Site],
+    widths: Iterable[int],
+    *,
+    architecture: str = "jumprelu",
+    sparsity_coefficients: Iterable[float] = (),
+    ks: Iterable[int] = (),
+    seed: int = 0,
+) -> list[SAESpec]:
+    """Every site × width × (λ or k) for one architecture, in a stable order."""
+    values = list(ks) if architecture in K_ARCHITECTURES else list(sparsity_coefficients)
+    if not values:
+        what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients"
+        raise ValueError(f"a {architecture} sweep needs at least one of its {what}")
+    specs = []
+    for site in sites:
+        for width in widths:
+            for value in values:
+                if architecture in K_ARCHITECTURES:
+                    specs.append(SAESpec(site, architecture, width, k=int(value), seed=seed))
+                else:
+                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=float(value), seed=seed))
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate SAEs in sweep: {', '.join(duplicates)}")
+    return specs
+
+
+def partition_specs(
+    specs: list[SAESpec], world_size: int, rank: int, *, d_in: dict[Site, int] | None = None
+) -> list[SAESpec]:
+    """The specs process ``rank`` of ``world_size`` trains under site parallelism.
+
+    All SAEs of a site go to one rank (so each site's activations are read by one process
+    only).  Sites are dealt greedily, largest first, to the least-loaded rank, with a site's
+    load = Σ d_sae × d_in (proportional to its FLOPs per token; d_in defaults to 1).  Pure and
+    deterministic: every rank computes the same split from the same arguments.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad rank {rank} for world size {world_size}")
+    by_site: dict[Site, list[SAESpec]] = {}
+    for spec in specs:
+        by_site.setdefault(spec.site, []).append(spec)
+    d_in = d_in or {}
+    cost = {site: sum(s.d_sae for s in group) * d_in.get(site, 1) for site, group in by_site.items()}
+    load = [0] * world_size
+    owner: dict[Site, int] = {}
+    for site in sorted(by_site, key=lambda s: (-cost[s], s)):
+        target = min(range(world_size), key=lambda r: (load[r], r))
+        owner[site] = target
+        load[target] += cost[site]
+    return [spec for spec in specs if owner[spec.site] == rank]

@@ -1,0 +1,353 @@
+"""Many SAEs per data pass: every site's batch is read once and fed to every SAE of that site.
+
+``Trainer(source, specs, recipe, out_dir, n_steps=...).fit()``:
+
+1. refuses a relaunch whose specs/recipe/length differ from the run already in ``out_dir``;
+2. resumes from the last complete checkpoint if there is one; otherwise estimates each site's
+   input scale C (E‖x/C‖² = 1) from the first batches of the source;
+3. steps every :class:`~saescope.train.sae_trainer.SAETrainer` on each batch, reading batch
+   ``step`` via ``source.iter_batches(skip_batches=step)`` so a resumed run sees the same data in
+   the same order, and ends with bit-identical weights;
+4. an SAE whose batch, loss or gradients go NaN/Inf stops with an error naming its site, step
+   and cause (logged, and in the summary); the others go on;
+5. at the end, folds C into a copy of each SAE and releases it in Gemma Scope's layout under
+   ``<out>/release``, named by the L0 measured over the last training batches.
+
+Distributed training slots in at two seams: :func:`saescope.train.spec.partition_specs` gives each
+rank its share of the sites (site parallelism), and ``reduce_grads`` (called inside every
+``SAETrainer`` between backward and the optimiser step) all-reduces gradients (data parallelism).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from saescope.batches import BatchSource
+from saescope.sae.base import SAE, SAEConfig
+from saescope.sites import Site
+from saescope.train.checkpoint import CheckpointDir, write_json_atomic
+from saescope.train.recipe import Recipe
+from saescope.train.run_log import RunLog
+from saescope.train.sae_trainer import NonFiniteError, SAETrainer
+from saescope.train.spec import SAESpec, partition_specs, sweep  # noqa: F401 (re-exported)
+
+__all__ = ["SAESpec", "SAETrainer", "NonFiniteError", "Trainer", "estimate_input_scales", "partition_specs", "sweep"]
+
+
+@torch.no_grad()
+def estimate_input_scales(
+    source: BatchSource, sites: list[Site], *, batch_size: int, n_tokens: int, seed: int = 0
+) -> dict[Site, float]:
+    """C per site = sqrt(mean ‖x‖²) over the first ``ceil(n_tokens / batch_size)`` batches.
+
+    Summed in float64 so millions of tokens add up without rounding drift.  A site whose estimate
+    is not a finite positive number maps to NaN (its SAEs are then stopped before step 0).
+    """
+    n_batches = max(1, math.ceil(n_tokens / batch_size))
+    sum_sq = {site: 0.0 for site in sites}
+    count = 0
+    batches = source.iter_batches(batch_size, seed=seed, skip_batches=0)
+    for _ in range(n_batches):
+        batch = next(batches)
+        for site in sites:
+            sum_sq[site] += float(batch[site].double().pow(2).sum())
+        count += batch[sites[0]].shape[0]
+    scales = {}
+    for site in sites:
+        c = math.sqrt(sum_sq[site] / count) if math.isfinite(sum_sq[site]) else float("nan")
+        scales[site] = c if math.isfinite(c) and c > 0 else float("nan")
+    return scales
+
+
+class Trainer:
+    """Train ``specs`` on ``source`` for ``n_steps`` batches (or ``total_tokens`` tokens).
+
+    Args:
+        source: any :class:`~saescope.batches.BatchSource` holding every spec's site.
+        specs: the SAEs to train (names must be unique).
+        recipe: defaults to ``Recipe.for_steps(n_steps)``.
+        out_dir: the run folder (``checkpoints/``, ``train_log.jsonl``, ``release/``, summary).
+        checkpoint_every, log_every: in steps; both also happen at the last step.
+        device: where the SAEs train ("cpu", "cuda", "cuda:1", ...).
+        data_seed: the source's shuffling seed.
+        model_name: recorded in the released configs (default: ``source.model_name`` if any).
+        build_sae: ``SAEConfig -> SAE`` (default: :func:`saescope.sae.registry.build_sae`).
+        reduce_grads: data-parallel hook given to every SAETrainer.
+        loggers: extra metric sinks, "tensorboard" and/or "wandb" (must be installed).
+        final_steps: the released SAE's metrics (and average L0) average this many last steps.
+        release: write release folders at the end (False: checkpoints and summary only).
+    """
+
+    def __init__(
+        self,
+        source: BatchSource,
+        specs: list[SAESpec],
+        recipe: Recipe | None,
+        out_dir: str | Path,
+        *,
+        n_steps: int | None = None,
+        total_tokens: int | None = None,
+        checkpoint_every: int = 1_000,
+        log_every: int = 100,
+        device: str | torch.device = "cpu",
+        data_seed: int = 0,
+        model_name: str | None = None,
+        build_sae: Callable[[SAEConfig], SAE] | None = None,
+        reduce_grads: Callable[[SAE], None] | None = None,
+        loggers: tuple[str, ...] = (),
+        progress: bool = True,
+        keep_checkpoints: int = 2,
+        final_steps: int = 100,
+        release: bool = True,
+    ):
+        if not specs:
+            raise ValueError("no SAEs to train")
+        names = [s.name for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate SAEs: {', '.join(duplicates)}")
+        missing = sorted({s.site for s in specs} - set(source.sites))
+        if missing:
+            raise ValueError(
+                f"the source has no activations for {', '.join(map(str, missing))} "
+                f"(it holds {', '.join(map(str, source.sites))})"
+            )
+        if (n_steps is None) == (total_tokens is None):
+            raise ValueError("give exactly one of n_steps and total_tokens")
+        batch_size = (recipe or Recipe()).batch_size
+        self.n_steps = n_steps if n_steps is not None else math.ceil(total_tokens / batch_size)
+        if self.n_steps < 1:
+            raise ValueError(f"a run needs at least one step, got n_steps={self.n_steps}")
+        if checkpoint_every < 1 or log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+        self.recipe = recipe if recipe is not None else Recipe.for_steps(self.n_steps)
+        self.source = source
+        self.specs = list(specs)
+        self.out_dir = Path(out_dir)
+        self.checkpoint_every = checkpoint_every
+        self.log_every = log_every
+        self.device = torch.device(device)
+        self.data_seed = data_seed
+        self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
+        self._build_sae = build_sae
+        self.reduce_grads = reduce_grads
+        self.loggers = tuple(loggers)
+        self.progress = progress
+        self.keep_checkpoints = keep_checkpoints
+        self.final_steps = final_steps
+        self.release = release
+        self.sites = sorted({s.site for s in self.specs})
+        self.trainers: list[SAETrainer] = []
+        self.scales: dict[Site, float] = {}
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def run_identity(self) -> dict:
+        """What makes this run this run; a relaunch on the same folder must match it exactly."""
+        return {
+            "saes": {s.name: s.to_dict() for s in self.specs},
+            "recipe": self.recipe.to_dict(),
+            "n_steps": self.n_steps,
+            "data_seed": self.data_seed,
+            "d_in": {site.name: self.source.d_in[site] for site in self.sites},
+            "model": self.model_name,
+        }
+
+    def _make_trainer(self, spec: SAESpec) -> SAETrainer:
+        if self._build_sae is None:
+            from saescope.sae.registry import build_sae
+        else:
+            build_sae = self._build_sae
+        cfg = SAEConfig(
+            d_in=self.source.d_in[spec.site],
+            d_sae=spec.d_sae,
+            architecture=spec.architecture,
+            k=spec.k,
+            bandwidth=self.recipe.bandwidth,
+            threshold_init=self.recipe.threshold_init,
+            metadata={"model": self.model_name, "site": spec.site.name},
+        )
+        # Initialise on the CPU from the spec's seed alone, so the same spec starts from the same
+        # weights on every device and whatever else was built before it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            sae = build_sae(cfg)
+        scale = self.scales[spec.site]
+        trainer = SAETrainer(
+            sae.to(self.device),
+            self.recipe,
+            sparsity_coefficient=spec.sparsity_coefficient or 0.0,
+            n_steps=self.n_steps,
+            input_scale=scale if math.isfinite(scale) else 1.0,
+            name=spec.name,
+            site=spec.site,
+            reduce_grads=self.reduce_grads,
+            final_steps=self.final_steps,
+        )
+        if not math.isfinite(scale):
+            trainer.error = (
+                f"before step 0, site {spec.site}: the input scale estimated from the first "
+                f"{self.recipe.scale_estimate_tokens} tokens is not a finite positive number "
+                "(the batches contain NaN/Inf or are all zero)"
+            )
+        return trainer
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def fit(self) -> list[Path]:
+        """Train (resuming if possible), release, and return the release folders written."""
+        ckpt = CheckpointDir(self.out_dir / "checkpoints", keep=self.keep_checkpoints)
+        ckpt.check_or_write_run(self.run_identity())
+        ckpt.remove_partial()
+        latest = ckpt.latest()
+        start = 0
+        if latest is not None:
+            start, folder = latest
+            state, tensors = ckpt.load(folder)
+            self.scales = {Site.parse(k): (v if v is not None else float("nan")) for k, v in state["scales"].items()}
+        else:
+            self.scales = estimate_input_scales(
+                self.source, self.sites, batch_size=self.recipe.batch_size,
+                n_tokens=self.recipe.scale_estimate_tokens, seed=self.data_seed,
+            )
+        self.trainers = [self._make_trainer(spec) for spec in self.specs]
+        if latest is not None:
+            for t in self.trainers:
+                t.load_state(tensors[t.name], state["saes"][t.name])
+
+        log = RunLog(self.out_dir / "train_log.jsonl", resume_step=start, loggers=self.loggers,
+                     run_name=self.out_dir.name)
+        try:
+            if start == 0:
+                log.write({"step": 0, "event": "input_scales",
+                           "scales": {s.name: _json_float(c) for s, c in self.scales.items()}})
+                for t in self.trainers:
+                    if t.error is not None:
+                        log.write({"step": 0, "event": "error", "sae": t.name, "site": str(t.site), "error": t.error})
+            self._train(start, ckpt, log)
+        finally:
+            log.close()
+        return self._release()
+
+    def _train(self, start: int, ckpt: CheckpointDir, log: RunLog) -> None:
+        B = self.recipe.batch_size
+        by_site: dict[Site, list[SAETrainer]] = {}
+        for t in self.trainers:
+            by_site.setdefault(t.site, []).append(t)
+        batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=start)
+        bar = tqdm(total=self.n_steps * B, initial=start * B, unit="tok", unit_scale=True,
+                   desc=f"training {len(self.trainers)} SAEs", disable=not self.progress)
+        last_time, last_step = time.perf_counter(), start
+        try:
+            for step in range(start, self.n_steps):
+                live = {site: [t for t in ts if t.error is None] for site, ts in by_site.items()}
+                live = {site: ts for site, ts in live.items() if ts}
+                if not live:
+                    break  # every SAE stopped: nothing left to train
+                batch = next(batches)
+                for site, ts in live.items():
+                    x_BD = batch[site]
+                    if x_BD.shape != (B, self.source.d_in[site]):
+                        raise ValueError(f"the source gave {site} a batch of shape {tuple(x_BD.shape)}, "
+                                         f"expected ({B}, {self.source.d_in[site]})")
+                    x_BD = x_BD.to(self.device, non_blocking=True)
+                    for t in ts:
+                        try:
+                            t.update(step, x_BD, return_metrics=False)
+                        except NonFiniteError as err:
+                            log.write({"step": step, "event": "error", "sae": t.name, "site": str(site),
+                                       "error": t.error})
+                            tqdm.write(f"saescope train: {err}")
+                done = step + 1
+                bar.update(B)
+                if done % self.log_every == 0 or done == self.n_steps:
+                    now = time.perf_counter()
+                    rate = (done - last_step) * B / max(now - last_time, 1e-9)
+                    last_time, last_step = now, done
+                    for t in self.trainers:
+                        if t.error is None:
+                            log.write({"step": done, "tokens": done * B, "sae": t.name, "site": str(t.site),
+                                       **t.pop_metrics(), "tokens_per_s": rate})
+                    bar.set_postfix(training=sum(t.error is None for t in self.trainers))
+                if done % self.checkpoint_every == 0 or done == self.n_steps:
+                    self.save_checkpoint(done, ckpt)
+        finally:
+            bar.close()
+
+    def save_checkpoint(self, step: int, ckpt: CheckpointDir) -> Path:
+        state = {
+            "scales": {s.name: _json_float(c) for s, c in self.scales.items()},
+            "saes": {t.name: t.state_meta() for t in self.trainers},
+        }
+        return ckpt.save(step, state, {t.name: t.state_tensors() for t in self.trainers})
+
+    # --- release -----------------------------------------------------------------------------
+
+    def _release(self) -> list[Path]:
+        """Fold C into a copy of each SAE that finished, save it in Gemma Scope's layout, and write
+        ``<out>/train_summary.json`` (every SAE: its folder or its error)."""
+        if self.release:
+            from saescope.release import release_folder, save_sae
+
+        root = self.out_dir / "release"
+        B = self.recipe.batch_size
+        used: set[Path] = set()
+        folders, summary = [], []
+        for spec, t in zip(self.specs, self.trainers):
+            entry = {"sae": t.name, "site": spec.site.name, "spec": spec.to_dict()}
+            if t.error is not None:
+                summary.append({**entry, "status": "stopped", "error": t.error})
+                continue
+            scale = self.scales[spec.site]
+            final = t.final_metrics()
+            metrics = {
+                "average_l0": final["l0"],
+                "fvu": final["fvu"],
+                "mse": final["mse"] * scale**2,  # raw activation units
+                "mse_normalized": final["mse"],
+                "dead_fraction": final["dead_fraction"],
+                "measured_on": f"the last {int(final['steps_averaged'])} training batches of {B} tokens",
+            }
+            if not self.release:
+                summary.append({**entry, "status": "trained", "metrics": metrics})
+                continue
+            folder = release_folder(root, spec.site, spec.d_sae, round(final["l0"]))
+            n = 2
+            base = folder
+            while folder in used:  # e.g. two λ (or seeds) that end at the same rounded L0
+                folder, n = base.with_name(f"{base.name}_{n}"), n + 1
+            used.add(folder)
+            sae = copy.deepcopy(t.sae).to("cpu")
+            sae.fold_input_scale(scale)
+            config = {
+                "model": self.model_name,
+                "site": spec.site.name,
+                "d_in": sae.cfg.d_in,
+                "d_sae": spec.d_sae,
+                "architecture": spec.architecture,
+                "sparsity_coefficient": spec.sparsity_coefficient,
+                "k": spec.k,
+                "seed": spec.seed,
+                "tokens_seen": t.tokens_seen,
+                "input_scale": scale,
+                "recipe": self.recipe.to_dict(),
+                "sae_config": sae.cfg.to_dict(),
+            }
+            written = save_sae(sae, folder, config=config, metrics=metrics)
+            folders.append(written)
+            summary.append({**entry, "status": "released", "folder": str(written), "metrics": metrics})
+        write_json_atomic(self.out_dir / "train_summary.json",
+                          {"n_steps": self.n_steps, "tokens": self.n_steps * B, "saes": summary})
+        return folders
+
+
+def _json_float(x: float) -> float | None:
+    return x if math.isfinite(x) else None

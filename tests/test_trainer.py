@@ -1,0 +1,310 @@
+"""The trainer: one SAE's step (decoder rule, schedules, metrics), many SAEs per data pass,
+bit-identical resume after a kill, NaN isolation, refusal of a changed relaunch."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from saescope.sae.base import SAE, LossOutput, SAEConfig
+from saescope.sites import Site
+from saescope.train.checkpoint import CheckpointDir
+from saescope.train.recipe import Recipe
+from saescope.train.sae_trainer import NonFiniteError, SAETrainer
+from saescope.train.sources import InMemorySource
+from saescope.train.spec import SAESpec, partition_specs, sweep
+from saescope.train.trainer import Trainer, estimate_input_scales
+
+RESID, MLP = Site(0, "resid_post"), Site(1, "mlp_out")
+
+
+class TinySAE(SAE):
+    """A ReLU SAE with an L1 penalty and an (unused) threshold: enough to exercise the trainer
+    without depending on the real architectures."""
+
+    architecture = "tiny"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), cfg.threshold_init))
+
+    def encode(self, x_BD):
+        return torch.relu(self.pre_activations(x_BD))
+
+    def loss(self, x_BD, sparsity_coefficient):
+        f_BF = self.encode(x_BD)
+        x_hat_BD = self.decode(f_BF)
+        mse = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
+        sparsity = sparsity_coefficient * (f_BF * self.W_dec.norm(dim=1)).sum(-1).mean()
+        active = f_BF > 0
+        return LossOutput(
+            total=mse + sparsity + 0 * self.threshold.sum(),
+            mse=mse.detach(),
+            sparsity=sparsity.detach(),
+            aux=torch.zeros(()),
+            l0=active.float().sum(-1).mean(),
+            fired_F=active.sum(0),
+            x_hat_BD=x_hat_BD.detach(),
+        )
+
+
+def make_data(n=512, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        RESID: 3.0 * torch.randn(n, d, generator=g) + 1.0,
+        MLP: 0.5 * torch.randn(n, d + 4, generator=g),
+    }
+
+
+class KillAt:
+    """A source that raises when batch ``kill_step`` is reached (a process killed mid-run)."""
+
+    def __init__(self, source, kill_step):
+        self.source, self.kill_step = source, kill_step
+        self.sites, self.d_in = source.sites, source.d_in
+
+    def iter_batches(self, batch_size, *, seed=0, skip_batches=0):
+        for step, batch in enumerate(self.source.iter_batches(batch_size, seed=seed, skip_batches=skip_batches),
+                                     start=skip_batches):
+            if step == self.kill_step:
+                raise KeyboardInterrupt(f"killed at step {step}")
+            yield batch
+
+
+class PoisonAt:
+    """A source whose batch ``step`` for ``site`` holds a NaN."""
+
+    def __init__(self, source, site, step):
+        self.source, self.site, self.step = source, site, step
+        self.sites, self.d_in = source.sites, source.d_in
+
+    def iter_batches(self, batch_size, *, seed=0, skip_batches=0):
+        for step, batch in enumerate(self.source.iter_batches(batch_size, seed=seed, skip_batches=skip_batches),
+                                     start=skip_batches):
+            if step == self.step:
+                batch = dict(batch)
+                batch[self.site] = batch[self.site].clone()
+                batch[self.site][3, 2] = float("nan")
+            yield batch
+
+
+RECIPE = Recipe(lr=3e-3, lr_warmup_steps=3, sparsity_warmup_steps=5, batch_size=32, scale_estimate_tokens=64)
+SPECS = [
+    SAESpec(RESID, "tiny", 32, sparsity_coefficient=1e-3),
+    SAESpec(RESID, "tiny", 32, sparsity_coefficient=3e-2),
+    SAESpec(MLP, "tiny", 24, sparsity_coefficient=1e-2, seed=1),
+]
+
+
+def trainer(source, out, **kw):
+    kw = {"n_steps": 12, "checkpoint_every": 4, "log_every": 2, "progress": False, "release": False,
+          "build_sae": TinySAE, "final_steps": 4, **kw}
+    return Trainer(source, kw.pop("specs", SPECS), kw.pop("recipe", RECIPE), out, **kw)
+
+
+def sae_trainer(d_in=16, d_sae=32, **kw):
+    torch.manual_seed(0)
+    sae = TinySAE(SAEConfig(d_in, d_sae, "tiny"))
+    kw = {"sparsity_coefficient": 1e-2, "n_steps": 10, "name": "t", "site": RESID, **kw}
+    return SAETrainer(sae, kw.pop("recipe", RECIPE), **kw)
+
+
+# --- one SAE -----------------------------------------------------------------------------------
+
+
+def test_decoder_rows_stay_unit_norm_and_threshold_positive():
+    t = sae_trainer()
+    x = make_data()[RESID][:32]
+    with torch.no_grad():
+        t.sae.threshold.fill_(-1.0)
+    for step in range(5):
+        t.update(step, x)
+        norms = t.sae.W_dec.norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert (t.sae.threshold >= RECIPE.threshold_min).all()
+    # the rule can be switched off: rows then drift from unit norm under Adam at this lr
+    loose = sae_trainer(recipe=RECIPE.replace(decoder_unit_norm=False))
+    for step in range(5):
+        loose.update(step, x)
+    assert not torch.allclose(loose.sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-3)
+
+
+def test_update_uses_the_schedules_and_scale():
+    t = sae_trainer(input_scale=2.0, n_steps=10)
+    x = make_data()[RESID][:32]
+    for step in range(4):
+        metrics = t.update(step, x)
+        assert metrics["lr"] == RECIPE.lr_at(step)
+        assert t.optimizer.param_groups[0]["lr"] == RECIPE.lr_at(step)
+        assert metrics["sparsity_coefficient"] == pytest.approx(1e-2 * RECIPE.sparsity_factor_at(step))
+    assert metrics["sparsity_coefficient"] == pytest.approx(1e-2 * 3 / 5)
+
+
+def test_fvu_is_about_the_batch_mean_and_dead_latents_are_counted():
+    t = sae_trainer(d_in=16, d_sae=8)
+    x = make_data()[RESID][:32]  # mean ≈ 1 per coordinate: FVU about zero would be well below 1
+    with torch.no_grad():
+        t.sae.W_enc.zero_()
+        t.sae.b_dec.copy_(x.mean(0))
+    metrics = t.update(0, x)  # nothing fires: the reconstruction is b_dec, the batch mean
+    assert metrics["fvu"] == pytest.approx(1.0, rel=1e-6)
+    assert metrics["l0"] == 0
+    assert metrics["dead_fraction"] == 1.0
+
+
+def test_non_finite_batch_stops_the_sae_without_touching_weights():
+    t = sae_trainer()
+    x = make_data()[RESID][:32].clone()
+    t.update(0, x)
+    before = {n: p.detach().clone() for n, p in t.sae.named_parameters()}
+    x[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"step 1 on site layer_0/resid_post: .*1 Inf"):
+        t.update(1, x)
+    for n, p in t.sae.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(RuntimeError, match="already stopped"):
+        t.update(2, x)
+
+
+# --- specs ---------------------------------------------------------------------------------------
+
+
+def test_spec_names_validation_and_sweep():
+    spec = SAESpec("layer_12/resid_post", d_sae=16384, sparsity_coefficient=1e-3)
+    assert spec.name == "layer_12.resid_post.jumprelu.16k.lambda0.001.seed0"
+    assert SAESpec.from_dict(spec.to_dict()) == spec
+    assert SAESpec(RESID, "topk", 2**20, k=64).name == "layer_0.resid_post.topk.1m.k64.seed0"
+    with pytest.raises(ValueError, match="sparsity coefficient"):
+        SAESpec(RESID, "jumprelu", 4096)
+    with pytest.raises(ValueError, match="needs k"):
+        SAESpec(RESID, "topk", 4096)
+    specs = sweep([RESID, MLP], [4096, 16384], sparsity_coefficients=[1e-3, 3e-3])
+    assert len(specs) == 8 and len({s.name for s in specs}) == 8
+
+
+def test_partition_keeps_sites_together_and_balances():
+    sites = [Site(layer, kind) for layer in range(4) for kind in ("resid_post", "attn_z", "mlp_out")]
+    specs = sweep(sites, [4096, 16384], sparsity_coefficients=[1e-3, 3e-3])
+    parts = [partition_specs(specs, 3, rank) for rank in range(3)]
+    assert sorted(s.name for p in parts for s in p) == sorted(s.name for s in specs)
+    owners = {}
+    for rank, part in enumerate(parts):
+        for s in part:
+            assert owners.setdefault(s.site, rank) == rank  # a site's SAEs all on one rank
+    assert [len(p) for p in parts] == [16, 16, 16]
+    assert parts == [partition_specs(specs, 3, rank) for rank in range(3)]  # deterministic
+    with pytest.raises(ValueError):
+        partition_specs(specs, 2, 2)
+
+
+# --- the multi-SAE trainer -------------------------------------------------------------------
+
+
+def test_input_scale_makes_mean_squared_norm_one():
+    source = InMemorySource(make_data())
+    scales = estimate_input_scales(source, [RESID, MLP], batch_size=64, n_tokens=512)
+    data = make_data()
+    for site in (RESID, MLP):
+        assert (data[site] / scales[site]).pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    source = InMemorySource(make_data())
+    reference = trainer(source, tmp_path / "straight")
+    reference.fit()
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(KillAt(source, 10), tmp_path / "killed").fit()  # last checkpoint: step 8
+    assert CheckpointDir(tmp_path / "killed" / "checkpoints").latest()[0] == 8
+    resumed = trainer(source, tmp_path / "killed")
+    resumed.fit()
+
+    for a, b in zip(reference.trainers, resumed.trainers):
+        for (name, p), q in zip(a.sae.named_parameters(), b.sae.parameters()):
+            assert torch.equal(p, q), f"{a.name}.{name} differs after resume"
+        for key, value in a.state_tensors().items():
+            assert torch.equal(value, b.state_tensors()[key]), key
+    # the log reads as one run: each (step, SAE) once
+    records = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["sae"]) for r in records if "l0" in r]
+    assert len(keys) == len(set(keys)) == 6 * len(SPECS)
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import saescope.train.checkpoint as checkpoint
+
+    source = InMemorySource(make_data())
+    real_save, calls = checkpoint.save_file, []
+
+    def dying_save(tensors, path):
+        calls.append(path)
+        if len(calls) == len(SPECS) + 2:  # midway through the second checkpoint
+            raise KeyboardInterrupt("killed while writing")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(source, tmp_path / "run").fit()
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").latest()[0] == 4
+    resumed = trainer(source, tmp_path / "run")
+    resumed.fit()
+    reference = trainer(source, tmp_path / "straight")
+    reference.fit()
+    for a, b in zip(reference.trainers, resumed.trainers):
+        assert all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters()))
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step_*"))  # partial folder cleaned
+
+
+def test_nan_in_one_site_stops_only_its_saes(tmp_path):
+    source = PoisonAt(InMemorySource(make_data()), MLP, step=6)
+    run = trainer(source, tmp_path / "run")
+    run.fit()
+    stopped = [t for t in run.trainers if t.error]
+    assert [t.site for t in stopped] == [MLP]
+    assert "step 6" in stopped[0].error and "layer_1/mlp_out" in stopped[0].error and "NaN" in stopped[0].error
+    for t in run.trainers:
+        assert all(torch.isfinite(p).all() for p in t.sae.parameters())
+        assert t.tokens_seen == (6 if t.site == MLP else 12) * RECIPE.batch_size
+    # the error is in the log and the summary; the checkpoint holds finite weights
+    log = (tmp_path / "run" / "train_log.jsonl").read_text()
+    assert '"event": "error"' in log and "layer_1/mlp_out" in log
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    status = {s["sae"]: s["status"] for s in summary["saes"]}
+    assert status[stopped[0].name] == "stopped" and sum(v == "trained" for v in status.values()) == 2
+    _, tensors = CheckpointDir(tmp_path / "run" / "checkpoints").load(tmp_path / "run" / "checkpoints" / "step_000000012")
+    assert all(torch.isfinite(v).all() for named in tensors.values() for v in named.values())
+
+
+def test_relaunch_with_a_different_run_is_refused(tmp_path):
+    source = InMemorySource(make_data())
+    trainer(source, tmp_path / "run", n_steps=4).fit()
+    with pytest.raises(ValueError, match=r"recipe\.lr: 0\.003 -> 0\.001"):
+        trainer(source, tmp_path / "run", n_steps=4, recipe=RECIPE.replace(lr=1e-3)).fit()
+    extra = SAESpec(MLP, "tiny", 48, sparsity_coefficient=1e-2)
+    with pytest.raises(ValueError, match=r"saes\.layer_1\.mlp_out\.tiny\.48\.lambda0\.01\.seed0 is new"):
+        trainer(source, tmp_path / "run", n_steps=4, specs=SPECS + [extra]).fit()
+    with pytest.raises(ValueError, match=r"n_steps: 4 -> 5"):
+        trainer(source, tmp_path / "run", n_steps=5).fit()
+    trainer(source, tmp_path / "run", n_steps=4, log_every=1).fit()  # bookkeeping may change
+
+
+def test_bad_inputs_are_named(tmp_path):
+    source = InMemorySource({RESID: make_data()[RESID]})
+    with pytest.raises(ValueError, match="no activations for layer_1/mlp_out"):
+        trainer(source, tmp_path)
+    with pytest.raises(ValueError, match="duplicate"):
+        trainer(source, tmp_path, specs=[SPECS[0], SPECS[0]])
+    with pytest.raises(ValueError, match="exactly one"):
+        trainer(source, tmp_path, specs=SPECS[:1], total_tokens=1000)
+    assert trainer(source, tmp_path, specs=SPECS[:1], n_steps=None, total_tokens=1000).n_steps == math.ceil(1000 / 32)
+
+
+def test_bfloat16_autocast_keeps_fp32_weights(tmp_path):
+    source = InMemorySource(make_data())
+    run = trainer(source, tmp_path, n_steps=3, recipe=RECIPE.replace(dtype="bfloat16"))
+    run.fit()
+    for t in run.trainers:
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in t.sae.parameters())
+        assert all(v.dtype == torch.float32 for s in t.optimizer.state.values() for k, v in s.items() if k != "step")
