@@ -1,0 +1,90 @@
+"""Direct logit effect: which tokens a latent's decoder direction promotes or suppresses.
+
+A latent that fires adds ``a * W_dec[f]`` to its site.  Following that vector straight to the
+logits, skipping every later block, gives the latent's *direct* effect on the next-token
+distribution (the "logit lens" view of a decoder row, as Neuronpedia shows it):
+
+1. ``attn_z`` sites live before the attention output projection: the row goes through
+   ``o_proj`` (no bias: a bias does not depend on the latent), and, in Gemma 2/3, through the
+   post-attention RMSNorm's gain (the "sandwich" norm applied to the attention output before it
+   joins the residual stream).  ``resid_post`` and ``mlp_out`` rows are already residual-stream
+   vectors (Gemma's ``mlp_out`` site is read after its post-feed-forward norm).
+2. The final norm.  An RMSNorm divides the whole residual by its RMS and multiplies by a gain;
+   the division is a positive per-token scalar that cannot change *which* tokens a direction
+   favours, so we apply only the gain.  Its form differs by family: Gemma scales by ``1 + w``,
+   Llama/Qwen/Mistral by ``w``.  Rather than branch on class names we read the gain off the
+   module itself: an RMSNorm maps a vector of ones (RMS 1) to its gain.  A LayerNorm (GPT-2,
+   GPT-NeoX) also centres its input, a linear step we apply before its weight; its bias, like
+   any bias, is the same for every latent and is left out.
+3. The unembedding (``lm_head``): ``logit_effect_FV = direction_FD @ W_U_VD.T``.
+
+Approximations, stated plainly: the norms' scalar normalisation is dropped (values are in
+"gain-weighted residual units", comparable across tokens of one latent, not calibrated logits
+changes), and Gemma's final logit soft-capping (monotonic) is ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saescope.sites import Site, adapter_for
+
+
+def _norm_gain(norm: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The elementwise gain of an RMSNorm-style module: its output on a vector of ones."""
+    ones = torch.ones(1, width, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        return norm(ones).reshape(width).to(like.dtype)
+
+
+def _apply_norm(norm: nn.Module, x_FD: torch.Tensor) -> torch.Tensor:
+    """A norm's linear treatment of a direction (see module docstring)."""
+    if isinstance(norm, nn.LayerNorm):
+        x_FD = x_FD - x_FD.mean(dim=-1, keepdim=True)
+        return x_FD * norm.weight.to(x_FD) if norm.weight is not None else x_FD
+    return x_FD * _norm_gain(norm, x_FD.shape[-1], x_FD)
+
+
+def residual_directions(model: nn.Module, site: Site, W_dec_FD: torch.Tensor) -> torch.Tensor:
+    """Map decoder rows at ``site`` to the residual-stream vectors they add."""
+    if site.kind != "attn_z":
+        return W_dec_FD
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[site.layer]
+    proj = adapter.attn_in(block)
+    if isinstance(proj, nn.Linear):
+        out_FD = W_dec_FD @ proj.weight.to(W_dec_FD).T
+    else:  # transformers' Conv1D (GPT-2): y = x @ weight, weight (nx, nf)
+        out_FD = W_dec_FD @ proj.weight.to(W_dec_FD)
+    if hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_attention_layernorm"):
+        # Gemma 2/3 sandwich norms: post_attention_layernorm normalises the attention output.
+        # (In Llama the same name is the *pre*-MLP norm, hence the pre_feedforward test.)
+        out_FD = _apply_norm(block.post_attention_layernorm, out_FD)
+    return out_FD
+
+
+@torch.no_grad()
+def logit_effects(
+    model: nn.Module, site: Site, W_dec_FD: torch.Tensor, n_tokens: int = 10, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top and bottom ``n_tokens`` of each latent's direct logit effect.
+
+    Returns ``(top_ids_FK, top_values_FK, bottom_ids_FK, bottom_values_FK)``, bottom sorted
+    most-negative first.  Latents are processed ``chunk`` at a time so that the (F, vocab)
+    matrix (4,096 x 262,144 floats for Gemma would be 4 GiB) never exists whole.
+    """
+    W_U_DV = model.get_output_embeddings().weight.float().T
+    W_dec_FD = W_dec_FD.to(device=W_U_DV.device, dtype=torch.float32)
+    final_norm = adapter_for(model).final_norm(model)
+    out = ([], [], [], [])
+    for start in range(0, W_dec_FD.shape[0], chunk):
+        dirs_CD = residual_directions(model, site, W_dec_FD[start : start + chunk])
+        dirs_CD = _apply_norm(final_norm, dirs_CD)
+        effect_CV = dirs_CD @ W_U_DV
+        top = effect_CV.topk(n_tokens, dim=1)
+        bottom = effect_CV.topk(n_tokens, dim=1, largest=False)
+        for acc, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values)):
+            acc.append(t.cpu())
+    return tuple(torch.cat(acc) for acc in out)  # type: ignore[return-value]
+
