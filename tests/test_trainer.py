@@ -308,3 +308,21 @@ def test_bfloat16_autocast_keeps_fp32_weights(tmp_path):
     for t in run.trainers:
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in t.sae.parameters())
         assert all(v.dtype == torch.float32 for s in t.optimizer.state.values() for k, v in s.items() if k != "step")
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_refuses_unclear_requests(tmp_path, capsys):
+    from saescope.cli import main
+
+    assert main(["train", "--out", str(tmp_path)]) == 1
+    assert "either --store" in capsys.readouterr().err
+    assert main(["train", "--store", str(tmp_path / "none"), "--arch", "topk"]) == 1
+    assert "needs --k" in capsys.readouterr().err
+    assert main(["train", "--store", str(tmp_path / "none"), "--k", "32"]) == 1
+    assert "not --k" in capsys.readouterr().err
+    assert main(["train", "--store", str(tmp_path / "none")]) == 1
+    assert "no activation store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--store", str(tmp_path), "--widths", "4k,lots"])
