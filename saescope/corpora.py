@@ -7,8 +7,9 @@ A corpus is named by one of
   (People, Arts, Mathematics, ... 12 of them);
 * ``python-docs``: the reStructuredText sources of Python's documentation, a different kind of
   English (technical prose, code, markup) for evaluation by subset, as the paper evaluates per
-  Pile subset (``apt-get install python3.11-doc``); a document is one page, subset =
-  ``python-docs/<section>`` (library, reference, tutorial, howto, c-api, whatsnew, faq, ...);
+  Pile subset (``apt-get install python3.11-doc``; ~2.9M Gemma tokens); a document is a section
+  of a page (see :func:`rst_sections`), subset = ``python-docs/<part>`` (library, reference,
+  tutorial, howto, c-api, whatsnew, faq, ...);
 * a path: a ``.txt`` file (one document, subset = the file's stem); a folder of ``.txt`` /
   ``.md`` / ``.rst`` files (a file is a document, subset = its first-level subfolder, or the
   folder's own name for files at its top); a ``.jsonl`` file (one JSON object per line with

@@ -182,7 +182,10 @@ def _tokenize(docs, tokenizer, eos: int, split: str, heldout_fraction: float, se
     Returns flat arrays ``(ids, doc_ids, subset_ids, is_content)`` with an EOS after every
     document, the subset names, and the counts of documents read and kept in the split.
     """
+    from tqdm.auto import tqdm
+
     want_heldout = split == "heldout"
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"tokenize ({split})", disable=None, leave=False)
     subset_index: dict[str, int] = {}
     chunks: list[tuple[np.ndarray, ...]] = []
     n_read = n_split = n_content = 0
@@ -201,11 +204,13 @@ def _tokenize(docs, tokenizer, eos: int, split: str, heldout_fraction: float, se
         if batch_chars >= budget_chars:
             chunks.append(_tokenize_batch(batch, tokenizer, eos, subset_index))
             n_content += int(chunks[-1][3].sum())
+            bar.update(int(chunks[-1][3].sum()))
             batch, batch_chars = [], 0
             if max_tokens is not None and n_content >= max_tokens:
                 break
     if batch:
         chunks.append(_tokenize_batch(batch, tokenizer, eos, subset_index))
+    bar.close()
     if not chunks:
         empty = np.zeros(0, np.int64)
         return (empty, empty, empty.astype(np.int16), empty.astype(bool)), list(subset_index), n_read, n_split
@@ -220,7 +225,8 @@ def _tokenize_batch(batch, tokenizer, eos: int, subset_index: dict[str, int]) ->
         texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False, verbose=False
     )["input_ids"]
     lengths = np.array([len(ids) + 1 if ids else 0 for ids in encoded], dtype=np.int64)  # + EOS
-    ids = np.fromiter(itertools.chain.from_iterable((*ids, eos) for ids in encoded if ids), np.int64, int(lengths.sum()))
+    with_eos = itertools.chain.from_iterable((*ids, eos) for ids in encoded if ids)
+    ids = np.fromiter(with_eos, np.int64, int(lengths.sum()))
     doc_ids = np.repeat(np.array([i for i, _ in batch], np.int64), lengths)
     subset_ids = np.repeat(np.array([subset_index[doc.subset] for _, doc in batch], np.int16), lengths)
     is_content = np.ones(ids.size, bool)

@@ -75,7 +75,8 @@ def test_layout_bos_eos_padding_and_provenance(tmp_path, tok):
     assert body_docs[real].tolist() == expected_docs
     assert [corpus.subsets[s] for s in body_subsets[real]] == [subsets[words[d]] for d in expected_docs]
     # Padding only at the very end; BOS and padding carry no document or subset.
-    assert not real[: real.sum()].__invert__().any() and (body[~real] == PAD).all()
+    n_real = int(real.sum())
+    assert real[:n_real].all() and not real[n_real:].any()
     assert (corpus.doc_ids[:, 0] == -1).all() and (body_docs[~real] == -1).all() and (body_subsets[~real] == -1).all()
     # keep_mask is False exactly at BOS, EOS and padding.
     assert (corpus.keep_mask == ~np.isin(corpus.input_ids, [BOS, EOS, PAD])).all()
@@ -86,7 +87,8 @@ def test_long_document_continues_after_a_new_bos(tmp_path, tok):
     name = write_corpus(tmp_path / "long.jsonl", [20])
     corpus = load_corpus(name, tok, seq_len=6, heldout_fraction=1e-9)
     assert corpus.input_ids.tolist() == [
-        [BOS, 4, 4, 4, 4, 4], [BOS, 4, 4, 4, 4, 4], [BOS, 4, 4, 4, 4, 4], [BOS, 4, 4, 4, 4, 4], [BOS, EOS, PAD, PAD, PAD, PAD],
+        [BOS, 4, 4, 4, 4, 4], [BOS, 4, 4, 4, 4, 4], [BOS, 4, 4, 4, 4, 4], [BOS, 4, 4, 4, 4, 4],
+        [BOS, EOS, PAD, PAD, PAD, PAD],
     ]  # fmt: skip
     assert (corpus.doc_ids[:4, 1:] == 0).all() and corpus.doc_ids[4, 1] == 0
 
@@ -228,6 +230,7 @@ def test_real_gemma_tokenizer_on_wiki_vital():
     assert (corpus.input_ids[:, 0] == gemma.bos_token_id).all()
     eos_positions = corpus.input_ids == gemma.eos_token_id
     assert eos_positions.sum() >= corpus.n_documents - 1  # one EOS closes each finished document
-    assert (corpus.keep_mask == ~np.isin(corpus.input_ids, [gemma.bos_token_id, gemma.eos_token_id, gemma.pad_token_id])).all()
+    special = [gemma.bos_token_id, gemma.eos_token_id, gemma.pad_token_id]
+    assert (corpus.keep_mask == ~np.isin(corpus.input_ids, special)).all()
     first_doc = corpus.input_ids[0][corpus.doc_ids[0] == corpus.doc_ids[0, 1]][:-1]
     assert gemma.decode(first_doc) == next(iter_documents("wiki-vital")).text[: len(gemma.decode(first_doc))]
