@@ -121,3 +121,45 @@ def build_tiny_model(arch: str, *, n_layers: int = 3, seed: int = 0, noise: floa
 def tiny_model():
     """Factory fixture: ``tiny_model("gemma3")``, ``tiny_model("gpt2", n_layers=2, seed=1)``."""
     return build_tiny_model
+
+
+def build_tiny_corpus(n_seqs: int = 12, seq_len: int = 16, *, seed: int = 0, vocab: int = TINY_VOCAB, name="tiny"):
+    """A hand-packed :class:`saescope.tokens.TokenizedCorpus` of random documents.
+
+    Every sequence starts with BOS (id 1); documents of random length are packed back to back,
+    each ended by EOS (id 2); the last sequence ends in padding (id 0).  ``doc_ids`` count the
+    documents, ``subset_ids`` cycle over three subsets; ``keep_mask`` is False at BOS, EOS and
+    padding, as the real tokenizer sets it.
+    """
+    import numpy as np
+
+    from saescope.tokens import TokenizedCorpus
+
+    rng = np.random.default_rng(seed)
+    input_ids = np.zeros((n_seqs, seq_len), dtype=np.int64)
+    doc_ids = np.full((n_seqs, seq_len), -1, dtype=np.int64)
+    keep = np.zeros((n_seqs, seq_len), dtype=bool)
+    doc, left = 0, int(rng.integers(3, 2 * seq_len))
+    total = n_seqs * seq_len - seq_len // 3  # leave some padding at the very end
+    for flat in range(n_seqs * seq_len):
+        i, t = divmod(flat, seq_len)
+        if t == 0:
+            input_ids[i, t] = 1  # BOS
+        elif flat >= total:
+            input_ids[i, t] = 0  # padding
+        elif left == 0:
+            input_ids[i, t] = 2  # EOS ends the document
+            doc, left = doc + 1, int(rng.integers(3, 2 * seq_len))
+        else:
+            input_ids[i, t] = rng.integers(3, vocab)
+            doc_ids[i, t] = doc
+            keep[i, t] = True
+            left -= 1
+    subset_ids = np.where(keep, doc_ids % 3, -1).astype(np.int16)
+    return TokenizedCorpus(input_ids, doc_ids, subset_ids, keep, ["alpha", "beta", "gamma"], name)
+
+
+@pytest.fixture
+def tiny_corpus():
+    """Factory fixture: ``tiny_corpus(n_seqs=12, seq_len=16, seed=0)``."""
+    return build_tiny_corpus

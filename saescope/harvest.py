@@ -1,0 +1,294 @@
+"""Harvest: run a model over a tokenized corpus and write every requested site's activations
+to an activation store (:mod:`saescope.store` describes the layout and its crash safety).
+
+The hot loop is one forward per batch of sequences (all sites captured in that forward, which
+stops after the deepest layer needed: no logits), one gather of the kept positions per site, and
+a hand-over to a background thread that appends the rows to the open shard files, hashes them,
+and commits each finished shard group to the manifest.  Disk writes and SHA-256 thus overlap
+the next forward.  Memory: one batch of activations plus at most ``max_pending`` batches queued
+for the writer; shard files grow on disk, not in memory, so shards may be large.
+
+Resuming restarts at the batch holding the first row of the first unfinished shard group, with
+the same batch boundaries as before, so a resumed store is byte-identical to an uninterrupted
+one (on the same device and batch size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from saescope.sites import Site, site_width
+from saescope.store import DISK_DTYPES, ActivationStore, prepare_store, shard_file, write_manifest
+from saescope.stream import capture_kept, check_corpus, check_sites
+from saescope.tokens import TokenizedCorpus
+
+
+@dataclass
+class HarvestConfig:
+    #: how activations are stored: "float32" (exact) or "bfloat16" (half the disk)
+    dtype: str = "float32"
+    #: sequences per forward pass
+    batch_seqs: int = 4
+    #: rows per shard file (every site's shard g holds the same rows)
+    shard_tokens: int = 2**15
+    #: the model's name as recorded in the manifest (default: the model's name_or_path)
+    model_name: str | None = None
+    #: show a tqdm progress bar (tokens/s)
+    progress: bool = True
+    #: batches the writer thread may lag behind the forward passes
+    max_pending: int = 2
+
+
+def _fingerprint(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprints(model: nn.Module) -> dict[str, str]:
+    """A hash of the model's config and one of a sample of its weights (first and last values of
+    every tensor): enough to tell two checkpoints of one architecture apart, in milliseconds."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    for volatile in ("transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"):
+        cfg.pop(volatile, None)
+    config_hash = _fingerprint(json.dumps(cfg, sort_keys=True, default=str).encode())
+    samples = []
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        sample = torch.cat([flat[:8], flat[-8:]]).to(device="cpu", dtype=torch.float64)
+        samples += [name.encode(), str(tuple(p.shape)).encode(), sample.numpy().tobytes()]
+    return {"model_config_sha256": config_hash, "model_weights_sha256": _fingerprint(*samples)}
+
+
+class _HashingFile:
+    """A write-only file that also feeds what it writes to a SHA-256."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.file.write(view)
+        self.bytes += len(view)
+
+
+class ShardWriter:
+    """Appends rows of every site, in store order, to shard files in a background thread, and
+    commits each full shard group to the manifest (then calls ``on_shard(group_index)``)."""
+
+    def __init__(self, root: Path, manifest: dict, *, on_shard: Callable[[int], None] | None = None, max_pending=2):
+        self.root = root
+        self.manifest = manifest
+        self.on_shard = on_shard
+        self.sites = [Site.parse(s) for s in manifest["config"]["sites"]]
+        self.widths = {Site.parse(s): w for s, w in manifest["widths"].items()}
+        self.disk_dtype = DISK_DTYPES[manifest["config"]["dtype"]]
+        self.shard_tokens = manifest["config"]["shard_tokens"]
+        self.n_rows = manifest["n_tokens"]
+        self.n_groups = -(-self.n_rows // self.shard_tokens)
+        self.group = len(manifest["shards"])
+        self._open: dict[Site, tuple[_HashingFile, Path, Path]] | None = None
+        self._filled = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="saescope-shard-writer", daemon=True)
+        self._thread.start()
+
+    # -- main thread -----------------------------------------------------------------------
+    def put(self, rows: dict[Site, np.ndarray]) -> None:
+        """Queue the next rows (same count for every site, in the disk dtype)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(rows)
+
+    def close(self) -> None:
+        """Wait for the writer, check every group was written, mark the store complete."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self.group != self.n_groups:
+            raise RuntimeError(f"harvest wrote {self.group} of {self.n_groups} shard groups")
+        self.manifest["complete"] = True
+        write_manifest(self.root, self.manifest)
+
+    def abort(self) -> None:
+        """Stop without finishing: queued rows are dropped, the open group's files removed."""
+        self._stop = True
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    # -- writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while (rows := self._queue.get()) is not None:
+                if not self._stop:
+                    self._append(rows)
+        except BaseException as err:  # handed to the main thread by put()/close()
+            self._error = err
+            while self._queue.get() is not None:  # keep the producer from blocking
+                pass
+        finally:
+            for f, tmp, _ in (self._open or {}).values():
+                f.file.close()
+                tmp.unlink(missing_ok=True)
+
+    def _group_rows(self, group: int) -> int:
+        return min(self.shard_tokens, self.n_rows - group * self.shard_tokens)
+
+    def _open_group(self) -> None:
+        rows = self._group_rows(self.group)
+        self._open = {}
+        for site in self.sites:
+            final = self.root / shard_file(site, self.group)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            f = _HashingFile(tmp)
+            header = {"descr": self.disk_dtype.str, "fortran_order": False, "shape": (rows, self.widths[site])}
+            np.lib.format.write_array_header_1_0(f, header)
+            self._open[site] = (f, tmp, final)
+        self._filled = 0
+
+    def _append(self, rows: dict[Site, np.ndarray]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        at = 0
+        while at < n:
+            if self.group >= self.n_groups:
+                raise RuntimeError(f"harvest produced more than the {self.n_rows} rows planned")
+            if self._open is None:
+                self._open_group()
+            take = min(n - at, self._group_rows(self.group) - self._filled)
+            for site, (f, _, _) in self._open.items():
+                f.write(np.ascontiguousarray(rows[site][at : at + take]))
+            at += take
+            self._filled += take
+            if self._filled == self._group_rows(self.group):
+                self._commit()
+
+    def _commit(self) -> None:
+        files = {}
+        for site, (f, tmp, final) in self._open.items():
+            f.file.close()
+            os.replace(tmp, final)
+            files[site.name] = {"file": shard_file(site, self.group), "sha256": f.sha.hexdigest(), "bytes": f.bytes}
+        self._open = None
+        rows = self._group_rows(self.group)
+        entry = {"index": self.group, "row_start": self.group * self.shard_tokens, "rows": rows, "files": files}
+        self.manifest["shards"].append(entry)
+        write_manifest(self.root, self.manifest)
+        self.group += 1
+        if self.on_shard is not None:
+            self.on_shard(entry["index"])
+
+
+def row_metadata(corpus: TokenizedCorpus) -> dict[str, np.ndarray]:
+    """Per stored row (kept positions in row-major order): token id, sequence, position, document, subset."""
+    seq, pos = np.nonzero(corpus.keep_mask)
+    return {
+        "token_id": corpus.input_ids[seq, pos].astype(np.int32),
+        "seq": seq.astype(np.int32),
+        "pos": pos.astype(np.int32),
+        "doc_id": corpus.doc_ids[seq, pos].astype(np.int64),
+        "subset_id": corpus.subset_ids[seq, pos].astype(np.int16),
+    }
+
+
+def harvest(
+    model: nn.Module,
+    tokenizer,
+    corpus: TokenizedCorpus,
+    sites: list[Site],
+    out: str | Path,
+    cfg: HarvestConfig | None = None,
+    *,
+    on_shard: Callable[[int], None] | None = None,
+) -> ActivationStore:
+    """Write the activations of ``sites`` at the corpus's kept positions to a store at ``out``.
+
+    Resumes an interrupted harvest of the same configuration; returns at once when the store is
+    already complete; refuses a folder holding a different store.  ``on_shard(index)`` is called
+    after each shard group is committed.  ``tokenizer`` is only recorded (the corpus is tokenized).
+    """
+    cfg = cfg or HarvestConfig()
+    if cfg.dtype not in DISK_DTYPES:
+        raise ValueError(f"unknown store dtype {cfg.dtype!r}; use one of {', '.join(DISK_DTYPES)}")
+    if cfg.batch_seqs < 1 or cfg.shard_tokens < 1:
+        raise ValueError("batch_seqs and shard_tokens must be >= 1")
+    sites = check_sites(model, sites)
+    check_corpus(model, corpus)
+    out = Path(out)
+
+    model_name = cfg.model_name or getattr(model, "name_or_path", "") or model.config.model_type
+    keep = np.ascontiguousarray(corpus.keep_mask, dtype=bool)
+    input_ids = np.ascontiguousarray(corpus.input_ids, dtype=np.int64)
+    header = {
+        "config": {
+            "model": str(model_name),
+            **model_fingerprints(model),
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "corpus": corpus.name,
+            "corpus_sha256": _fingerprint(str(input_ids.shape).encode(), input_ids.tobytes(), keep.tobytes()),
+            "seq_len": int(input_ids.shape[1]),
+            "sites": [s.name for s in sites],
+            "dtype": cfg.dtype,
+            "shard_tokens": int(cfg.shard_tokens),
+        },
+        "widths": {s.name: site_width(model, s) for s in sites},
+        "n_tokens": int(keep.sum()),
+        "n_sequences": int(input_ids.shape[0]),
+        "subsets": list(corpus.subsets),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
+    }
+    manifest = prepare_store(out, header, row_metadata(corpus))
+    if manifest["complete"]:
+        return ActivationStore(out)
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    rows_before = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])  # rows before each sequence
+    done = sum(g["rows"] for g in manifest["shards"])
+    first_seq = int(np.searchsorted(rows_before, done, side="right")) - 1
+    first_batch = min(first_seq, len(corpus)) // cfg.batch_seqs * cfg.batch_seqs
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=header["n_tokens"], initial=done, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress
+    )
+    writer = ShardWriter(out, manifest, on_shard=on_shard, max_pending=cfg.max_pending)
+    try:
+        for start in range(first_batch, len(corpus), cfg.batch_seqs):
+            stop = start + cfg.batch_seqs
+            rows = capture_kept(model, sites, input_ids[start:stop], keep[start:stop], torch_dtype)
+            skip = max(0, done - int(rows_before[start]))  # rows of a finished group (resume only)
+            n = int(rows_before[min(stop, len(corpus))] - rows_before[start]) - skip
+            if n <= 0:
+                continue
+            if torch_dtype == torch.bfloat16:
+                writer.put({s: x[skip:].view(torch.uint16).numpy() for s, x in rows.items()})
+            else:
+                writer.put({s: x[skip:].numpy() for s, x in rows.items()})
+            bar.update(n)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return ActivationStore(out)
