@@ -204,6 +204,8 @@ class FeatureStore:
         card["top_logits"] = [[text.get(t, f"<{t}>"), v] for t, v in top]
         card["bottom_logits"] = [[text.get(t, f"<{t}>"), v] for t, v in bottom]
         card["contexts"] = contexts
+        card["n_octaves"] = self.meta["config"]["n_octaves"]
+        card["hist_bins"] = self.meta["config"]["hist_bins"]
         return card
 
     def latent_list(self, sae: int, order: str = "latent", offset: int = 0, limit: int = 100) -> list[dict]:
