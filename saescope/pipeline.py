@@ -1,0 +1,187 @@
+"""``saescope run``: the whole system as one resumable command.
+
+Stages, in order, each one module's job::
+
+    tokens ──▶ activations (online stream, or a harvested store) ──▶ train (every site × λ × width)
+           ──▶ eval (held-out tokens, SAEs spliced in) ──▶ canonical SAE per site ──▶ report ──▶ features
+
+``<out>/run.json`` records the configuration and each finished stage with its wall time.  Running
+again on a finished folder changes nothing; on a killed one it resumes: finished stages are
+skipped, the harvest and the trainer resume from their own atomic shards and checkpoints.  A
+folder made with another configuration is refused, naming the settings that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from saescope.presets import RunConfig
+
+STAGES = ("train", "eval", "report", "features")
+#: settings that do not change any result, so a resumed run may change them
+_RUNTIME_ONLY = {"device", "checkpoint_every"}
+
+
+class RunState:
+    """``run.json``: the configuration and the finished stages of one run folder."""
+
+    def __init__(self, out: Path, cfg: RunConfig):
+        self.path = out / "run.json"
+        self.data: dict = {"config": cfg.to_dict(), "stages": {}}
+        if self.path.exists():
+            previous = json.loads(self.path.read_text())
+            mine, theirs = cfg.to_dict(), previous.get("config", {})
+            differ = sorted(k for k in set(mine) | set(theirs)
+                            if k not in _RUNTIME_ONLY and _norm(mine.get(k)) != _norm(theirs.get(k)))
+            if differ:
+                detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
+                raise ValueError(f"{out} holds a run with another configuration ({detail}); "
+                                 "use another --out or the same settings")
+            self.data["stages"] = previous.get("stages", {})
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def finish(self, stage: str, seconds: float, **info) -> None:
+        self.data["stages"][stage] = {"seconds": round(seconds, 1), **info}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@contextmanager
+def _stage(state: RunState, name: str, log) -> Iterator[dict]:
+    info: dict = {}
+    log(f"[{name}] ...")
+    t0 = time.time()
+    yield info
+    seconds = time.time() - t0
+    state.finish(name, seconds, **info)
+    log(f"[{name}] done in {seconds:.0f}s")
+
+
+def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) every stage; return ``run.json``'s contents."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState(out, cfg)
+    if all(state.done(s) for s in _wanted_stages(cfg)):
+        log(f"{out} is complete; nothing to do")
+        _summarise(out, state, log)
+        return state.data
+
+    from saescope.models import load_model
+    from saescope.sites import n_layers, select_sites
+    from saescope.tokens import load_corpus, model_context_length
+
+    model, tokenizer = load_model(cfg.model, device=cfg.device)
+    context = model_context_length(model)
+    sites = select_sites(cfg.sites, n_layers(model))
+    release = out / "release"
+
+    # The held-out corpus is read first: a missing corpus should fail in a second, not after training.
+    eval_corpus = None
+    if not state.done("eval") or (cfg.features and not state.done("features")):
+        eval_corpus = load_corpus(cfg.eval_corpus, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
+                                  split="heldout", seed=cfg.seed, max_context=context)
+
+    if not state.done("train"):
+        with _stage(state, "train", log) as info:
+            corpus = load_corpus(cfg.corpus, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.train_tokens,
+                                 split="train", seed=cfg.seed, max_context=context)
+            source = _activation_source(cfg, model, tokenizer, corpus, sites, out, progress)
+            info.update(_train(cfg, source, sites, out, progress))
+
+    if not state.done("eval"):
+        with _stage(state, "eval", log) as info:
+            from saescope.evaluate.suite import EvalConfig, evaluate_release
+
+            summary = evaluate_release(release, model, eval_corpus, EvalConfig(progress=progress),
+                                       model_name=cfg.model)
+            canonical = choose_canonical(summary["saes"], cfg.canonical_l0)
+            (release / "canonical.json").write_text(json.dumps(canonical, indent=2))
+            info.update(n_saes=len(summary["saes"]), eval_tokens=eval_corpus.n_tokens)
+
+    if not state.done("report"):
+        with _stage(state, "report", log) as info:
+            from saescope.report.html import write_report
+
+            info["path"] = str(write_report(out, out / "report"))
+
+    if cfg.features and not state.done("features"):
+        with _stage(state, "features", log) as info:
+            from saescope.features.collect import collect_release
+
+            info["path"] = str(collect_release(release, model, tokenizer, eval_corpus, out / "features",
+                                               max_tokens=cfg.feature_tokens, progress=progress))
+
+    _summarise(out, state, log)
+    return state.data
+
+
+def _wanted_stages(cfg: RunConfig) -> list[str]:
+    return [s for s in STAGES if s != "features" or cfg.features]
+
+
+def _activation_source(cfg, model, tokenizer, corpus, sites, out: Path, progress: bool):
+    """The trainer's :class:`~saescope.batches.BatchSource`: online, or a harvested store."""
+    if cfg.source == "online":
+        from saescope.stream import OnlineSource
+
+        return OnlineSource(model, corpus, sites)
+    from saescope.harvest import HarvestConfig, harvest
+    from saescope.store import StoreReader
+
+    store = harvest(model, tokenizer, corpus, sites, out / "store",
+                    HarvestConfig(dtype=cfg.store_dtype, model_name=cfg.model, progress=progress))
+    return StoreReader(store, sites)
+
+
+def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
+    from saescope.train.recipe import Recipe
+    from saescope.train.trainer import Trainer, sweep
+
+    specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
+                  sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, seed=cfg.seed)
+    recipe = Recipe.for_steps(cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                              scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
+    trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, checkpoint_every=cfg.checkpoint_every,
+                      device=cfg.device, data_seed=cfg.seed, model_name=cfg.model, progress=progress)
+    folders = trainer.fit()
+    stopped = {t.name: str(t.error) for t in trainer.trainers if t.error is not None}
+    return {"n_saes": len(folders), "stopped": stopped, "steps": cfg.n_steps,
+            "tokens": cfg.n_steps * cfg.batch_size}
+
+
+def choose_canonical(saes: dict[str, dict], target_l0: float) -> dict[str, str]:
+    """Per site, the SAE whose average L0 is closest to ``target_l0`` (Gemma Scope's rule with
+    target 100; ties go to the sparser SAE).  Returns ``{site: relative release folder}``."""
+    best: dict[str, tuple[float, float, str]] = {}
+    for folder, m in saes.items():
+        l0 = m.get("l0")
+        if l0 is None:
+            continue
+        key = (abs(l0 - target_l0), l0, folder)
+        if m["site"] not in best or key < best[m["site"]]:
+            best[m["site"]] = key
+    return {site: key[2] for site, key in sorted(best.items())}
+
+
+def _summarise(out: Path, state: RunState, log) -> None:
+    stages = state.data["stages"]
+    total = sum(s["seconds"] for s in stages.values())
+    log("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in stages.items()) + f" (total {total:.0f}s)")
+    log(f"release:  {out / 'release'}  (canonical SAEs: {out / 'release' / 'canonical.json'})")
+    if (out / "report" / "report.html").exists():
+        log(f"report:   {out / 'report' / 'report.html'}")
+    if (out / "features").exists():
+        log(f"features: {out / 'features'}  (browse with: saescope browse {out})")

@@ -1,0 +1,138 @@
+"""Named presets for ``saescope run``: what to train, on what, for how long.
+
+A preset is a :class:`RunConfig`; command-line flags override its fields.  The CPU presets are
+sized for the embedded default (Gemma 3 270M, 54 sites) on 2 cores; the GPU presets copy the
+paper's settings (Gemma Scope §3: 16.4K width, 4B tokens, batch 4,096, the recipe's warm-ups)
+and need the Hugging Face hub (or a local copy of the model) and a large corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``saescope run`` needs.  Stages: tokens → activations → train → eval →
+    report → features."""
+
+    model: str = "gemma-3-270m"
+    #: training corpus; held-out evaluation tokens come from a disjoint set of documents
+    corpus: str = "wiki-vital"
+    #: evaluation corpus (several subsets: the paper's per-subset analysis)
+    eval_corpus: str = "wiki-vital+python-docs"
+    sites: str = "all"
+    architecture: str = "jumprelu"
+    widths: tuple[int, ...] = (2048,)
+    #: λ sweep (JumpReLU/ReLU) — several L0s per site
+    sparsity_coefficients: tuple[float, ...] = (1e-3, 3e-3)
+    #: k sweep (TopK/BatchTopK)
+    ks: tuple[int, ...] = ()
+    train_tokens: int = 200_000
+    eval_tokens: int = 8_192
+    feature_tokens: int = 16_384
+    seq_len: int = 256
+    batch_size: int = 1_024
+    #: "online": activations computed while training (no disk); "store": harvest to disk first
+    source: str = "online"
+    store_dtype: str = "float32"
+    #: training precision: "float32" (the paper) or "bfloat16" autocast
+    dtype: str = "float32"
+    #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
+    lr: float = 7e-5
+    #: canonical SAE per site = average L0 closest to this (the paper's rule uses 100)
+    canonical_l0: float = 100.0
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 100
+    #: collect per-latent feature data for the browser
+    features: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("online", "store"):
+            raise ValueError(f"source must be 'online' or 'store', got {self.source!r}")
+        if self.train_tokens < self.batch_size:
+            raise ValueError(f"train_tokens ({self.train_tokens}) is below one batch ({self.batch_size})")
+        if not self.widths:
+            raise ValueError("no SAE width given")
+
+    @property
+    def n_steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("description")
+        return d
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown run setting(s): {', '.join(unknown)}")
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, RunConfig] = {
+    # ~15 minutes on 2 CPU cores: every site of Gemma 3 270M, two λ per site.
+    "default": RunConfig(
+        description="Embedded default on CPU: 54 sites × 2 λ, width 2048, 200k tokens (~15 min on 2 cores)",
+        lr=1e-3,
+    ),
+    # ~3 minutes on 2 CPU cores: the same pipeline, smaller everything.
+    "quick": RunConfig(
+        description="Smoke run on CPU: 54 sites × 2 λ, width 512, 40k tokens (~3 min on 2 cores)",
+        widths=(512,),
+        train_tokens=40_960,
+        eval_tokens=2_048,
+        feature_tokens=4_096,
+        seq_len=128,
+        batch_size=512,
+        lr=2e-3,
+        checkpoint_every=20,
+    ),
+    # The paper's recipe on Gemma 2 2B (Gemma Scope Table 1: all sites at 16.4K width, 4B
+    # tokens; λ swept to give several L0s).  Needs a GPU, the hub (or a local copy of the
+    # model) and a corpus of billions of tokens (e.g. 'hf:monology/pile-uncopyrighted').
+    "gemma-2-2b-16k": RunConfig(
+        description="Gemma Scope recipe: Gemma 2 2B, all 78 sites, 16.4K width, 4B tokens, λ sweep",
+        model="google/gemma-2-2b",
+        corpus="hf:monology/pile-uncopyrighted",
+        eval_corpus="hf:monology/pile-uncopyrighted",
+        widths=(16_384,),
+        sparsity_coefficients=(2e-4, 4e-4, 6e-4, 1e-3, 2e-3),
+        train_tokens=4_000_000_000,
+        eval_tokens=2_048 * 1_024,
+        feature_tokens=10_000_000,
+        seq_len=1_024,
+        batch_size=4_096,
+        source="store",
+        device="cuda",
+        checkpoint_every=10_000,
+    ),
+    # The paper's residual-stream ladder for one layer (Gemma Scope Fig. 4 style).
+    "gemma-2-2b-res12-ladder": RunConfig(
+        description="Gemma 2 2B residual layer 12, widths 16K–524K, 8B tokens, λ sweep",
+        model="google/gemma-2-2b",
+        corpus="hf:monology/pile-uncopyrighted",
+        eval_corpus="hf:monology/pile-uncopyrighted",
+        sites="layer_12/resid_post",
+        widths=(16_384, 32_768, 65_536, 131_072, 262_144, 524_288),
+        sparsity_coefficients=(4e-4, 6e-4, 1e-3),
+        train_tokens=8_000_000_000,
+        eval_tokens=2_048 * 1_024,
+        feature_tokens=10_000_000,
+        seq_len=1_024,
+        batch_size=4_096,
+        source="store",
+        device="cuda",
+        checkpoint_every=10_000,
+    ),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
