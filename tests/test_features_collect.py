@@ -304,3 +304,15 @@ def test_logit_effects_by_hand(tiny_model, arch, kind):
     assert (top_ids == want_top.indices).all()
     assert torch.allclose(bot_vals, want_bot.values, rtol=1e-4, atol=1e-5)
     assert (bot_ids == want_bot.indices).all()
+
+
+def test_bf16_shortlist_gives_the_float32_answer(tiny_model):
+    from saescope.features.logits import logit_effects
+    from saescope.sites import Site
+
+    model = tiny_model("gemma3", vocab_size=4000)
+    W_dec_FD = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
+    exact = logit_effects(model, Site(2, "resid_post"), W_dec_FD)
+    fast = logit_effects(model, Site(2, "resid_post"), W_dec_FD, shortlist_dtype=torch.bfloat16)
+    for e, f in zip(exact, fast):
+        assert torch.equal(e, f) if e.dtype == torch.int64 else torch.allclose(e, f, rtol=1e-5, atol=1e-6)

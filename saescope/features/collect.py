@@ -15,13 +15,14 @@ n_octaves * samples) * window)`` float16 context windows, whatever the number of
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from saescope.features.logits import logit_effects
+from saescope.features.logits import fast_shortlist_dtype, logit_effects
 from saescope.features.stats import Events, LatentScale, OctaveSampler, RunningHistogram, RunningTopK, TokenIndex
 from saescope.features.store import DB_NAME, FeatureWriter
 from saescope.sites import Site, capture
@@ -41,6 +42,7 @@ class FeatureConfig:
     after: int = 4
     hist_bins: int = 64  # power of two
     logit_tokens: int = 10  # promoted / suppressed tokens per latent
+    fast_logits: bool = True  # bf16 shortlist + exact float32 re-score where bf16 is faster (logits.py)
     latents_per_token: int = 16  # entries per token id in the token -> latents index
     batch_tokens: int = 4096  # tokens per model forward (whole sequences, at least one)
     seed: int = 0
@@ -91,7 +93,7 @@ def _context_rows(sae_id, latent_C, kind_C, rank_C, act_C, token_C, window_CW, c
         )
 
 
-def _write_sae(writer, name, site, sae, col: SAECollector, model, corpus, n_tokens, release_path, cfg):
+def _write_sae(writer, name, site, sae, col: SAECollector, model, corpus, n_tokens, release_path, cfg, shortlist):
     F = sae.cfg.d_sae
     count = col.scale.count_F.cpu().numpy()
     freq = count / max(n_tokens, 1)
@@ -106,7 +108,10 @@ def _write_sae(writer, name, site, sae, col: SAECollector, model, corpus, n_toke
     }
     sae_id = writer.add_sae(name, site, F, release_path, info)
 
-    top_ids, top_vals, bot_ids, bot_vals = (t.numpy() for t in logit_effects(model, site, sae.W_dec.detach(), cfg.logit_tokens))
+    t0 = time.perf_counter()
+    top_ids, top_vals, bot_ids, bot_vals = (t.numpy() for t in logit_effects(
+        model, site, sae.W_dec.detach(), cfg.logit_tokens, shortlist_dtype=shortlist))
+    logits_s = time.perf_counter() - t0
     mean = (col.scale.sum_F.cpu().numpy() / np.maximum(count, 1)).tolist()
     maxes = col.scale.max_F.cpu().numpy().tolist()
     exp = col.scale.exp_F.cpu().numpy()
@@ -153,6 +158,7 @@ def _write_sae(writer, name, site, sae, col: SAECollector, model, corpus, n_toke
     writer.add_token_latents(
         (sae_id, int(vocab[i]), int(j), int(lat_VM[i, j]), float(val_VM[i, j])) for i, j in zip(v, r)
     )
+    return logits_s
 
 
 def load_release_saes(root: Path | str, device: str = "cpu") -> tuple[dict[str, tuple[Site, "torch.nn.Module"]], set[str]]:
@@ -222,6 +228,7 @@ def collect_features(
     }
     sites = sorted({site for site, _ in saes.values()})
 
+    t0 = time.perf_counter()
     n_tokens = 0
     bar = tqdm(total=int(corpus.keep_mask.sum()), unit="tok", desc="features", disable=not cfg.progress)
     for start in range(0, N, seqs_per_batch):
@@ -235,19 +242,26 @@ def collect_features(
         n_tokens += kept
         bar.update(kept)
     bar.close()
+    timings = {"pass_s": time.perf_counter() - t0, "logits_s": 0.0}
 
+    shortlist = fast_shortlist_dtype(device) if cfg.fast_logits else None
     writer = FeatureWriter(out_dir / DB_NAME)
     try:
+        t1 = time.perf_counter()
+        for name, (site, sae) in saes.items():
+            folder = Path(cfg.release_root) / name if cfg.release_root else None
+            rel = os.path.relpath(folder, out_dir) if folder is not None and folder.is_dir() else None
+            timings["logits_s"] += _write_sae(
+                writer, name, site, sae, collectors[name], model, corpus, n_tokens, rel, cfg, shortlist
+            )
+        writer.add_vocab(lambda ids: [tokenizer.decode([i]) for i in ids])
+        timings["write_s"] = time.perf_counter() - t1 - timings["logits_s"]
         writer.set_meta(
             format_version=1, model=cfg.model_name, corpus=corpus.name, n_tokens=n_tokens, seq_len=T,
             window=[cfg.before, cfg.after], config=asdict(cfg),
             release_root=os.path.relpath(cfg.release_root, out_dir) if cfg.release_root else None,
+            timings={k: round(v, 3) for k, v in timings.items()},
         )
-        for name, (site, sae) in saes.items():
-            folder = Path(cfg.release_root) / name if cfg.release_root else None
-            rel = os.path.relpath(folder, out_dir) if folder is not None and folder.is_dir() else None
-            _write_sae(writer, name, site, sae, collectors[name], model, corpus, n_tokens, rel, cfg)
-        writer.add_vocab(lambda ids: [tokenizer.decode([i]) for i in ids])
     except BaseException:
         writer.db.close()
         writer.tmp.unlink(missing_ok=True)
