@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +267,39 @@ def collect_features(
         writer.tmp.unlink(missing_ok=True)
         raise
     return writer.close()
+
+
+def first_tokens(corpus, max_tokens: int | None):
+    """The shortest prefix of ``corpus``'s sequences that holds ``max_tokens`` kept tokens."""
+    if max_tokens is None or corpus.n_tokens <= max_tokens:
+        return corpus
+    n_seqs = int(np.searchsorted(np.cumsum(corpus.keep_mask.sum(axis=1)), max_tokens)) + 1
+    fields = ("input_ids", "doc_ids", "subset_ids", "keep_mask")
+    return replace(corpus, **{f: getattr(corpus, f)[:n_seqs] for f in fields})
+
+
+def collect_release(
+    release_root: Path | str,
+    model,
+    tokenizer,
+    corpus,
+    out_dir: Path | str,
+    *,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+    cfg: FeatureConfig | None = None,
+) -> Path:
+    """:func:`collect_features` for every SAE under a release folder (the pipeline's stage).
+
+    ``max_tokens`` caps the corpus (whole sequences); the model name recorded for the browser's
+    live box is ``model_name``, else the one the SAEs' configs agree on.
+    """
+    device = next(model.parameters()).device
+    saes, models = load_release_saes(release_root, device=str(device))
+    cfg = cfg or FeatureConfig()
+    cfg = replace(
+        cfg, progress=progress, release_root=str(Path(release_root).resolve()),
+        model_name=model_name or cfg.model_name or (next(iter(models)) if len(models) == 1 else None),
+    )
+    return collect_features(model, tokenizer, first_tokens(corpus, max_tokens), saes, out_dir, cfg)
