@@ -16,6 +16,8 @@
 Distributed training slots in at two seams: :func:`saescope.train.spec.partition_specs` gives each
 rank its share of the sites (site parallelism), and ``reduce_grads`` (called inside every
 ``SAETrainer`` between backward and the optimiser step) all-reduces gradients (data parallelism).
+:mod:`saescope.train.parallel` subclasses :class:`Trainer` through three more: ``rows_per_step``,
+``_estimate_scales`` and ``_open_log``.
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ __all__ = ["SAESpec", "SAETrainer", "NonFiniteError", "Trainer", "estimate_input
 
 @torch.no_grad()
 def estimate_input_scales(
-    source: BatchSource, sites: list[Site], *, batch_size: int, n_tokens: int, seed: int = 0
+    source: BatchSource, sites: list[Site], *, batch_size: int, n_tokens: int, seed: int = 0,
+    reduce_sums: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[Site, float]:
     """C per site = sqrt(mean ‖x‖²) over the first ``ceil(n_tokens / batch_size)`` batches.
 
     Summed in float64 so millions of tokens add up without rounding drift.  A site whose estimate
     is not a finite positive number maps to NaN (its SAEs are then stopped before step 0).
+    ``reduce_sums`` (data parallelism) sums, in place, the float64 vector of per-site Σ‖x‖² and
+    the row count over the ranks, so every rank gets the C of the whole global batches.
     """
     n_batches = max(1, math.ceil(n_tokens / batch_size))
     sum_sq = {site: 0.0 for site in sites}
@@ -60,6 +65,10 @@ def estimate_input_scales(
         for site in sites:
             sum_sq[site] += float(batch[site].double().pow(2).sum())
         count += batch[sites[0]].shape[0]
+    if reduce_sums is not None:
+        sums = torch.tensor([sum_sq[site] for site in sites] + [count], dtype=torch.float64)
+        reduce_sums(sums)
+        sum_sq, count = dict(zip(sites, sums[:-1].tolist())), sums[-1].item()
     scales = {}
     for site in sites:
         c = math.sqrt(sum_sq[site] / count) if math.isfinite(sum_sq[site]) else float("nan")
@@ -129,6 +138,8 @@ class Trainer:
         if checkpoint_every < 1 or log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
         self.recipe = recipe if recipe is not None else Recipe.for_steps(self.n_steps)
+        #: rows of each batch this process trains on (data parallelism: its share of the batch)
+        self.rows_per_step = self.recipe.batch_size
         self.source = source
         self.specs = list(specs)
         self.out_dir = Path(out_dir)
@@ -214,17 +225,13 @@ class Trainer:
             state, tensors = ckpt.load(folder)
             self.scales = {Site.parse(k): (v if v is not None else float("nan")) for k, v in state["scales"].items()}
         else:
-            self.scales = estimate_input_scales(
-                self.source, self.sites, batch_size=self.recipe.batch_size,
-                n_tokens=self.recipe.scale_estimate_tokens, seed=self.data_seed,
-            )
+            self.scales = self._estimate_scales()
         self.trainers = [self._make_trainer(spec) for spec in self.specs]
         if latest is not None:
             for t in self.trainers:
                 t.load_state(tensors[t.name], state["saes"][t.name])
 
-        log = RunLog(self.out_dir / "train_log.jsonl", resume_step=start, loggers=self.loggers,
-                     run_name=self.out_dir.name)
+        log = self._open_log(start)
         try:
             if start == 0:
                 log.write({"step": 0, "event": "input_scales",
@@ -236,6 +243,18 @@ class Trainer:
         finally:
             log.close()
         return self._release()
+
+    def _estimate_scales(self) -> dict[Site, float]:
+        """C per site before step 0 (a seam: data parallelism sums the estimate over ranks)."""
+        return estimate_input_scales(
+            self.source, self.sites, batch_size=self.recipe.batch_size,
+            n_tokens=self.recipe.scale_estimate_tokens, seed=self.data_seed,
+        )
+
+    def _open_log(self, start: int) -> RunLog:
+        """The metrics log (a seam: under data parallelism only rank 0 writes one)."""
+        return RunLog(self.out_dir / "train_log.jsonl", resume_step=start, loggers=self.loggers,
+                      run_name=self.out_dir.name)
 
     def _train(self, start: int, ckpt: CheckpointDir, log: RunLog) -> None:
         B = self.recipe.batch_size
@@ -255,9 +274,9 @@ class Trainer:
                 batch = next(batches)
                 for site, ts in live.items():
                     x_BD = batch[site]
-                    if x_BD.shape != (B, self.source.d_in[site]):
+                    if x_BD.shape != (self.rows_per_step, self.source.d_in[site]):
                         raise ValueError(f"the source gave {site} a batch of shape {tuple(x_BD.shape)}, "
-                                         f"expected ({B}, {self.source.d_in[site]})")
+                                         f"expected ({self.rows_per_step}, {self.source.d_in[site]})")
                     x_BD = x_BD.to(self.device, non_blocking=True)
                     for t in ts:
                         try:
