@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from conftest import TINY_ARCHS, TINY_VOCAB
 
 from saescope.evaluate.forward import clean_forward, forward_from, lm_logits
 from saescope.evaluate.splice import splice
-from saescope.evaluate.suite import EvalConfig, evaluate, position_bins
+from saescope.evaluate.suite import EvalConfig, evaluate, position_bins, scored_positions
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sites import SITE_KINDS, Site, capture, site_width
 from saescope.tokens import TokenizedCorpus
@@ -123,12 +126,13 @@ def test_identity_and_zero_saes(gemma):
         assert result["sites"][f"layer_1/{kind}"]["ce_zero_ablation"] == pytest.approx(zero["ce_zero_ablation"])
 
 
-def _brute_force(model, corpus, site, sae):
+def _brute_force(model, corpus, site, sae, scored=None):
     """Delta loss, KL and FVU the slow way: full forwards with the public splice API."""
     ids = torch.from_numpy(corpus.input_ids)
     keep = torch.from_numpy(corpus.keep_mask)
-    scored = torch.zeros_like(keep)
-    scored[:, :-1] = keep[:, :-1] & torch.from_numpy(corpus.doc_ids[:, 1:] >= 0)
+    if scored is None:
+        scored = torch.zeros_like(keep)
+        scored[:, :-1] = keep[:, :-1] & torch.from_numpy(corpus.doc_ids[:, 1:] >= 0)
     targets = ids[:, 1:][scored[:, :-1]]
     lp_clean = torch.log_softmax(model(input_ids=ids).logits[scored], -1)
     with splice(model, {site: sae}):
@@ -142,7 +146,8 @@ def _brute_force(model, corpus, site, sae):
             "l0": float((sae.encode(x.float()) != 0).sum(-1).double().mean())}
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
+# gemma3 and gpt2 take the linear-head route of lm_scores, gemma2 (soft-capped logits) the direct one
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "gpt2"])
 def test_suite_matches_brute_force_and_is_batch_invariant(tiny_model, arch):
     model = tiny_model(arch)
     corpus = fake_corpus()
@@ -156,6 +161,24 @@ def test_suite_matches_brute_force_and_is_batch_invariant(tiny_model, arch):
             assert one["saes"][name][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
         for key in ("delta_loss", "kl_div", "fvu", "mse", "l0", "cossim", "frac_dead"):
             assert three["saes"][name][key] == pytest.approx(one["saes"][name][key], rel=1e-6, abs=1e-7)
+
+
+def test_loss_fraction_scores_a_fixed_random_share_of_positions(gemma):
+    corpus = fake_corpus(n_seqs=6, seq_len=32)
+    site = Site(1, "attn_z")
+    sae = random_sae(site_width(gemma, site))
+    full = evaluate(gemma, corpus, {"s": (site, sae)}, EvalConfig(progress=False))
+    half = evaluate(gemma, corpus, {"s": (site, sae)},
+                    EvalConfig(progress=False, loss_fraction=0.5, seed=3, zero_ablation=False))
+    scored = scored_positions(corpus, 0.5, seed=3)
+    assert half["info"]["n_loss_tokens"] == scored.sum() < 0.7 * full["info"]["n_loss_tokens"]
+    expected = _brute_force(gemma, corpus, site, sae, torch.from_numpy(scored))
+    m = half["saes"]["s"]
+    assert m["delta_loss"] == pytest.approx(expected["delta_loss"], rel=1e-4, abs=1e-5)
+    assert m["fvu"] == pytest.approx(full["saes"]["s"]["fvu"], rel=1e-9)  # every kept token still counts
+    assert math.isnan(m["ce_loss_score"]) and math.isnan(m["ce_zero_ablation"])  # no zero ablation ran
+    with pytest.raises(ValueError, match="loss_fraction"):
+        EvalConfig(loss_fraction=0)
 
 
 def test_subsets_positions_and_histogram_are_consistent(gemma):
@@ -205,3 +228,87 @@ def test_bad_input(gemma):
     site = Site(0, "resid_post")
     with pytest.raises(ValueError, match="no kept tokens"):
         evaluate(gemma, corpus, {"a": (site, identity_sae(site_width(gemma, site)))})
+
+
+WORDS = "the a cat dog sat ran on under mat tree big small red blue and then it was".split()
+
+
+def _release_with_model(tmp_path, tiny_model):
+    """A tiny Gemma 3 saved with a word-level tokenizer, a .txt corpus and three released
+    JumpReLU SAEs (two at one site), all on disk as a user would have them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from saescope.release import release_folder, save_sae
+    from saescope.sae.base import SAEConfig
+    from saescope.sae.jumprelu import JumpReLUSAE
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    model = tiny_model("gemma3", vocab_size=len(vocab), bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus.jsonl"  # one document per line, two subsets
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(WORDS, 12)), "subset": f"s{i % 2}"})
+                                for i in range(400)))
+    release = tmp_path / "run" / "release"
+    for i, (site, threshold) in enumerate([(Site(0, "mlp_out"), 0.1), (Site(0, "mlp_out"), 0.3),
+                                           (Site(2, "resid_post"), 0.2)]):
+        torch.manual_seed(i)
+        sae = JumpReLUSAE(SAEConfig(d_in=site_width(model, site), d_sae=32, threshold_init=threshold))
+        sae.fold_input_scale(1.0)
+        save_sae(sae, release_folder(release, site, 32, 10 * (i + 1)),
+                 config={"model": str(model_dir), "site": site.name}, metrics={"train_l0": 12.5})
+    return model, tokenizer, corpus, release
+
+
+def test_evaluate_release_writes_metrics_and_groups_by_memory(tmp_path, tiny_model):
+    from saescope.evaluate.folders import read_json
+    from saescope.evaluate.suite import evaluate_release
+    from saescope.tokens import load_corpus
+
+    model, tokenizer, corpus_path, release = _release_with_model(tmp_path, tiny_model)
+    corpus = load_corpus(str(corpus_path), tokenizer, seq_len=32, max_tokens=400, split="heldout")
+    cfg = EvalConfig(progress=False)
+    one_group = evaluate_release(release, model, corpus, cfg, model_name="tiny")
+    folders = sorted(p.parent for p in release.rglob("params.npz"))
+    first = {f: read_json(f / "metrics.json") for f in folders}
+    three_groups = evaluate_release(release, model, corpus, cfg, model_name="tiny", sae_memory_mb=0)
+    assert one_group["saes"].keys() == three_groups["saes"].keys() and len(folders) == 3
+    for folder in folders:
+        metrics = read_json(folder / "metrics.json")
+        assert metrics["train_l0"] == 12.5  # training figures are kept
+        assert metrics["site"] == read_json(folder / "config.json")["site"]
+        for key in ("l0", "fvu", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
+                    "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation"):
+            assert math.isfinite(metrics[key]), key
+            assert metrics[key] == pytest.approx(first[folder][key], rel=1e-9), key
+        assert metrics["eval"]["model"] == "tiny"
+    summary = read_json(release / "eval.json")
+    assert summary["info"]["n_tokens"] == corpus.n_tokens
+    assert set(summary["sites"]) == {"layer_0/mlp_out", "layer_2/resid_post"}
+
+
+def test_eval_command_end_to_end(tmp_path, tiny_model, capsys):
+    from saescope.cli import main
+
+    _, _, corpus_path, release = _release_with_model(tmp_path, tiny_model)
+    code = main(["eval", "--release", str(release), "--corpus", str(corpus_path), "--tokens", "300",
+                 "--seq-len", "32", "--device", "cpu", "--no-progress", "--report", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "evaluated 3 SAEs" in out and (release / "eval.json").exists()
+    assert (tmp_path / "report" / "report.html").exists()
+    assert all((p.parent / "metrics.json").exists() for p in release.rglob("params.npz"))
+
+    assert main(["eval", "--release", str(tmp_path / "nowhere")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--release", str(release), "--loss-fraction", "2", "--corpus", str(corpus_path)]) == 1
+    assert "loss_fraction" in capsys.readouterr().err

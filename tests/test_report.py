@@ -10,7 +10,7 @@ import pytest
 from saescope.evaluate.folders import write_json
 from saescope.evaluate.metrics import LOG10_DENSITY_EDGES
 from saescope.evaluate.suite import position_bins
-from saescope.report.data import choose_canonical, load_report_data, width_label
+from saescope.report.data import choose_canonical, load_report_data
 from saescope.report.html import write_report
 from saescope.sites import SITE_KINDS, Site
 
@@ -89,7 +89,12 @@ def test_canonical_is_l0_closest_to_target(release):
     assert abs(data.canonical[site].get("l0") - 100) < 20  # the average_l0_110 one
     fifty = choose_canonical(data.entries, target_l0=50)
     assert abs(fifty[site].get("l0") - 60) < 10
-    assert width_label(16384) == "16k" and width_label(2**20) == "1m" and width_label(300) == "300"
+    assert abs(load_report_data(release, canonical_l0=300).canonical[site].get("l0") - 300) < 40
+    # the run's own choice (canonical.json) wins when no target is given
+    write_json(release / "canonical.json", {site.name: "mlp_out/layer_2/width_1k/average_l0_20"})
+    data = load_report_data(release)
+    assert data.canonical[site].path == "mlp_out/layer_2/width_1k/average_l0_20"
+    assert abs(data.canonical[Site(3, "mlp_out")].get("l0") - 100) < 20
 
 
 def test_report_without_subsets_or_evaluation(release, tmp_path):

@@ -17,7 +17,8 @@ from pathlib import Path
 from saescope.sites import SITE_KINDS, Site
 
 PARAM_FILES = ("params.npz", "params.safetensors")
-#: Gemma Scope repository suffixes -> site kinds
+#: Gemma Scope repositories (google/gemma-scope-2b-pt-res, …; in the hub cache models--google--…)
+GEMMA_SCOPE_REPO = re.compile(r"gemma-scope-\d+b-(?:pt|it)-(res|mlp|att)(?![a-z])")
 GEMMA_SCOPE_KINDS = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}
 
 
@@ -89,8 +90,8 @@ def folder_site(folder: Path, config: dict | None = None, kind: str | None = Non
         if path_kind is None:
             if part in SITE_KINDS:
                 path_kind = part
-            elif (suffix := part.rsplit("-", 1)[-1]) in GEMMA_SCOPE_KINDS and part.startswith("gemma-scope"):
-                path_kind = GEMMA_SCOPE_KINDS[suffix]
+            elif repo := GEMMA_SCOPE_REPO.search(part):
+                path_kind = GEMMA_SCOPE_KINDS[repo.group(1)]
     if name and kind is not None:
         layer = Site.parse(name).layer
     kind = kind or path_kind

@@ -11,8 +11,9 @@ sliding-window or full attention (``config.layer_types[i]`` and a mask per type)
 soft-capping — is prepared by the model's forward exactly as in a normal pass.  The embedding
 lookup, rotary tables and masks are still computed (cheap); the skipped blocks are not.
 
-The vocabulary head is applied by :func:`lm_logits` in chunks of tokens, so a 262k-word Gemma
-vocabulary never needs a (batch, seq, vocab) tensor.
+The vocabulary head is applied separately, by :func:`lm_logits`, on the positions that are
+scored and in chunks (see :mod:`saescope.evaluate.lm_scores`), so a 262k-word Gemma vocabulary
+never needs a (batch, seq, vocab) tensor.
 """
 
 from __future__ import annotations
@@ -104,13 +105,6 @@ def lm_logits(model: nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
-
-
-def chunked_log_probs(model: nn.Module, hidden_ND: torch.Tensor, chunk_tokens: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(rows, log_probs)`` for consecutive chunks of at most ``chunk_tokens`` rows."""
-    for start in range(0, len(hidden_ND), chunk_tokens):
-        rows = slice(start, min(start + chunk_tokens, len(hidden_ND)))
-        yield rows, torch.log_softmax(lm_logits(model, hidden_ND[rows]), dim=-1)
 
 
 def vocab_size(model: nn.Module) -> int:

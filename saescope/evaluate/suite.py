@@ -35,7 +35,8 @@ from torch import nn
 
 from saescope.evaluate import metrics as M
 from saescope.evaluate.folders import find_sae_folders, folder_site, read_json, write_json
-from saescope.evaluate.forward import chunked_log_probs, clean_forward, forward_from, vocab_size
+from saescope.evaluate.forward import clean_forward, forward_from, vocab_size
+from saescope.evaluate.lm_scores import CleanReference, head_is_linear
 from saescope.evaluate.splice import SpliceHook, keep_first_position
 from saescope.sae.base import SAE
 from saescope.sites import Site, hook_site
@@ -44,24 +45,42 @@ from saescope.tokens import TokenizedCorpus
 
 @dataclass
 class EvalConfig:
-    #: sequences per forward; None: as many as keep the clean log-probs within ``logit_memory_mb``
+    #: sequences per forward; None: about ``batch_tokens`` tokens, fewer if the head needs
+    #: the clean log-probs in memory (soft-capped or non-float32 heads: ``logit_memory_mb``)
     batch_seqs: int | None = None
-    #: memory for one batch's clean log-probabilities (float32, tokens × vocabulary), in MiB
+    batch_tokens: int = 8192
+    #: memory for vocabulary-sized temporaries (float32, tokens × vocabulary), in MiB
     logit_memory_mb: int = 1024
+    #: fraction of the scored positions whose next-token loss (CE, KL) is computed, drawn at
+    #: random (``seed``), the same positions for the clean pass, zero ablation and every SAE.
+    #: The vocabulary head dominates a spliced forward's cost on small models (Gemma 3 270M:
+    #: 168M of its multiply-adds per token are the 262k-word head), so CPU presets sample;
+    #: reconstruction metrics always use every kept token.
+    loss_fraction: float = 1.0
+    seed: int = 0
+    #: run a zero-ablation forward per site (needed for ce_loss_score; one forward per site)
+    zero_ablation: bool = True
     #: also splice (and zero-ablate) the BOS position; off by default (module docstring)
     splice_bos: bool = False
     #: show a progress bar
     progress: bool = True
 
-    def sequences_per_batch(self, seq_len: int, n_vocab: int) -> int:
+    def __post_init__(self):
+        if not 0 < self.loss_fraction <= 1:
+            raise ValueError(f"loss_fraction must be in (0, 1], got {self.loss_fraction}")
+        if self.batch_seqs is not None and self.batch_seqs < 1:
+            raise ValueError(f"batch_seqs must be >= 1, got {self.batch_seqs}")
+
+    def sequences_per_batch(self, seq_len: int, n_vocab: int, keeps_log_probs: bool) -> int:
         if self.batch_seqs is not None:
-            if self.batch_seqs < 1:
-                raise ValueError(f"batch_seqs must be >= 1, got {self.batch_seqs}")
             return self.batch_seqs
-        return int(max(1, min(64, self.logit_memory_mb * 2**20 // (seq_len * n_vocab * 4))))
+        n = max(1, self.batch_tokens // seq_len)
+        if keeps_log_probs:
+            n = min(n, self.logit_memory_mb * 2**20 // (int(seq_len * self.loss_fraction) * n_vocab * 4 + 1))
+        return int(max(1, n))
 
     def chunk_tokens(self, n_vocab: int) -> int:
-        """Tokens per vocabulary-head chunk: an eighth of the budget per temporary."""
+        """Tokens per vocabulary-head chunk: an eighth of the memory budget per temporary."""
         return int(max(1, self.logit_memory_mb * 2**20 // 8 // (n_vocab * 4)))
 
 
@@ -92,13 +111,6 @@ class _Target:
     loss_position: M.LossStats
 
 
-def _scored_positions(keep_BT: np.ndarray, doc_BT: np.ndarray) -> np.ndarray:
-    """Positions whose next-token prediction counts: kept, and the next token is a document's."""
-    scored = np.zeros_like(keep_BT, dtype=bool)
-    scored[:, :-1] = keep_BT[:, :-1] & (doc_BT[:, 1:] >= 0)
-    return scored
-
-
 class _ZeroHook:
     """Zero ablation: the site's tensor replaced by zeros (except position 0 with ``skip_bos``)."""
 
@@ -115,26 +127,25 @@ class _Batch:
     scores another forward (from a site's cached prefix, with a hook at the site) against it."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, corpus: TokenizedCorpus, rows: slice, layers: set[int], chunk: int):
-        self.model, self.chunk = model, chunk
+    def __init__(self, model: nn.Module, corpus: TokenizedCorpus, rows: slice, scored: np.ndarray,
+                 layers: set[int], chunk: int):
+        self.model = model
         device = next(model.parameters()).device
         seq_len = corpus.input_ids.shape[1]
         self.ids_BT = torch.from_numpy(corpus.input_ids[rows]).long().to(device)
         self.keep_BT = torch.from_numpy(corpus.keep_mask[rows]).to(device)
-        self.scored_BT = torch.from_numpy(_scored_positions(corpus.keep_mask[rows], corpus.doc_ids[rows])).to(device)
+        self.scored_BT = torch.from_numpy(scored[rows]).to(device)
         subset_BT = torch.from_numpy(corpus.subset_ids[rows].astype(np.int64)).to(device)
         subset_BT = torch.where(subset_BT >= 0, subset_BT, torch.full_like(subset_BT, len(corpus.subsets)))
         position_BT = _position_bin_index(seq_len).to(device).expand_as(self.ids_BT)
         # N: kept positions (reconstruction); M: scored positions (next-token loss)
         self.subset_N, self.position_N = subset_BT[self.keep_BT], position_BT[self.keep_BT]
         self.subset_M, self.position_M = subset_BT[self.scored_BT], position_BT[self.scored_BT]
-        self.next_token_M = self.ids_BT[:, 1:][self.scored_BT[:, :-1]]
+        next_token_M = self.ids_BT[:, 1:][self.scored_BT[:, :-1]]
 
         hidden_BTD, self.prefix = clean_forward(model, self.ids_BT, layers)
-        self.log_probs_clean_MV = torch.empty(len(self.next_token_M), vocab_size(model), device=device)
-        for r, lp in chunked_log_probs(model, hidden_BTD[self.scored_BT], chunk):
-            self.log_probs_clean_MV[r] = lp
-        self.ce_clean_M = M.cross_entropy_per_token(self.log_probs_clean_MV, self.next_token_M)
+        self.reference = CleanReference(model, hidden_BTD[self.scored_BT], next_token_M, chunk)
+        self.ce_clean_M = self.reference.ce_clean_M
 
     @torch.no_grad()
     def run(self, site: Site, hook) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +155,21 @@ class _Batch:
             hidden_BTD = forward_from(self.model, self.ids_BT, site.layer, self.prefix.get(site.layer))
         finally:
             handle.remove()
-        ce_M, kl_M = torch.empty_like(self.ce_clean_M), torch.empty_like(self.ce_clean_M)
-        for r, lp in chunked_log_probs(self.model, hidden_BTD[self.scored_BT], self.chunk):
-            ce_M[r] = M.cross_entropy_per_token(lp, self.next_token_M[r])
-            kl_M[r] = M.kl_div_per_token(self.log_probs_clean_MV[r], lp)
-        return ce_M, kl_M
+        return self.reference.score(hidden_BTD[self.scored_BT])
+
+
+def scored_positions(corpus: TokenizedCorpus, fraction: float = 1.0, seed: int = 0) -> np.ndarray:
+    """(N, T) bool: the positions whose next-token prediction is scored.
+
+    A position counts when it is kept and the next token belongs to a document (an EOS target
+    counts, padding does not); with ``fraction`` < 1, a seeded random share of those.
+    """
+    keep, doc = corpus.keep_mask, corpus.doc_ids
+    scored = np.zeros_like(keep, dtype=bool)
+    scored[:, :-1] = keep[:, :-1] & (doc[:, 1:] >= 0)
+    if fraction < 1:
+        scored &= np.random.default_rng(seed).random(scored.shape) < fraction
+    return scored
 
 
 @torch.no_grad()
@@ -171,8 +192,9 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
     device = next(model.parameters()).device
     n_seqs, seq_len = corpus.input_ids.shape
     n_vocab = vocab_size(model)
-    batch_seqs = cfg.sequences_per_batch(seq_len, n_vocab)
+    batch_seqs = cfg.sequences_per_batch(seq_len, n_vocab, keeps_log_probs=not head_is_linear(model))
     chunk = cfg.chunk_tokens(n_vocab)
+    scored = scored_positions(corpus, cfg.loss_fraction, cfg.seed)
 
     # groups: one per subset, plus one for kept tokens without a subset (only in the totals)
     G_sub = len(corpus.subsets) + 1
@@ -194,18 +216,19 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
     zero_position = {s: M.LossStats(G_pos, device) for s in sites}
 
     n_batches = math.ceil(n_seqs / batch_seqs)
-    bar = tqdm(total=n_batches * (1 + len(sites) + len(targets)), unit="fwd", desc="eval",
-               disable=not cfg.progress)
+    n_zero = len(sites) if cfg.zero_ablation else 0
+    bar = tqdm(total=n_batches * (1 + n_zero + len(targets)), unit="fwd", desc="eval", disable=not cfg.progress)
     zero_hook = _ZeroHook(skip_bos=not cfg.splice_bos)
     for start in range(0, n_seqs, batch_seqs):
         rows = slice(start, min(start + batch_seqs, n_seqs))
-        batch = _Batch(model, corpus, rows, {s.layer for s in sites}, chunk)
+        batch = _Batch(model, corpus, rows, scored, {s.layer for s in sites}, chunk)
         bar.update(1)
         for site in sites:
-            ce_M, kl_M = batch.run(site, zero_hook)
-            zero_subset[site].update(batch.ce_clean_M, ce_M, kl_M, batch.subset_M)
-            zero_position[site].update(batch.ce_clean_M, ce_M, kl_M, batch.position_M)
-            bar.update(1)
+            if cfg.zero_ablation:
+                ce_M, kl_M = batch.run(site, zero_hook)
+                zero_subset[site].update(batch.ce_clean_M, ce_M, kl_M, batch.subset_M)
+                zero_position[site].update(batch.ce_clean_M, ce_M, kl_M, batch.position_M)
+                bar.update(1)
             for t in (t for t in targets.values() if t.site == site):
                 hook = SpliceHook(t.sae, skip_bos=not cfg.splice_bos, record=True)
                 ce_M, kl_M = batch.run(site, hook)
@@ -231,7 +254,9 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
         "n_sequences": int(n_seqs),
         "seq_len": int(seq_len),
         "n_tokens": corpus.n_tokens,
-        "n_loss_tokens": int(_scored_positions(corpus.keep_mask, corpus.doc_ids).sum()),
+        "n_loss_tokens": int(scored.sum()),
+        "loss_fraction": cfg.loss_fraction,
+        "zero_ablation": cfg.zero_ablation,
         "subsets": list(corpus.subsets),
         "splice_bos": cfg.splice_bos,
         "batch_seqs": batch_seqs,

@@ -63,7 +63,10 @@ def choose_canonical(entries: list[SAEEntry], target_l0: float = CANONICAL_L0) -
     return best
 
 
-def load_report_data(run_or_release: str | Path, canonical_l0: float = CANONICAL_L0) -> ReportData:
+def load_report_data(run_or_release: str | Path, canonical_l0: float | None = None) -> ReportData:
+    """Every evaluated SAE under the release folder.  Canonical SAEs: ``canonical_l0`` if given,
+    else the release's ``canonical.json`` (``{site: folder}``, written by ``saescope run``) when
+    present, else measured L0 closest to 100."""
     root = release_root(run_or_release)
     entries, unevaluated = [], []
     for folder in find_sae_folders(root):
@@ -80,13 +83,10 @@ def load_report_data(run_or_release: str | Path, canonical_l0: float = CANONICAL
         raise FileNotFoundError(f"no evaluated SAE under {root} (no metrics.json with 'fvu'); run `saescope eval` first")
     entries.sort(key=lambda e: (SITE_KINDS.index(e.site.kind), e.site.layer, e.get("l0"), e.path))
     info = (read_json(root / "eval.json") or {}).get("info", {})
-    return ReportData(root, entries, choose_canonical(entries, canonical_l0), info, unevaluated)
+    canonical = choose_canonical(entries, CANONICAL_L0 if canonical_l0 is None else canonical_l0)
+    chosen = read_json(root / "canonical.json") if canonical_l0 is None else None
+    if chosen:
+        by_path = {e.path: e for e in entries}
+        canonical.update({Site.parse(site): by_path[path] for site, path in chosen.items() if path in by_path})
+    return ReportData(root, entries, canonical, info, unevaluated)
 
-
-def width_label(d_sae: int) -> str:
-    """16384 -> '16k', 2**20 -> '1m' (release folder style)."""
-    if d_sae >= 2**20 and d_sae % 2**20 == 0:
-        return f"{d_sae // 2**20}m"
-    if d_sae >= 1024 and d_sae % 1024 == 0:
-        return f"{d_sae // 1024}k"
-    return str(d_sae)

@@ -9,8 +9,9 @@ import math
 import os
 from pathlib import Path
 
+from saescope.release import width_label
 from saescope.report import plots
-from saescope.report.data import CANONICAL_L0, ReportData, load_report_data, width_label
+from saescope.report.data import ReportData, load_report_data
 
 #: table columns: (metrics.json key, header, format, higher is worse)
 COLUMNS = (
@@ -114,10 +115,11 @@ def _kind_summary(data: ReportData) -> str:
 
 
 def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, *,
-                 canonical_l0: float = CANONICAL_L0) -> Path:
+                 canonical_l0: float | None = None) -> Path:
     """Write ``report.html`` and its PNGs into ``out_dir`` (default: ``<run>/report``) and return
     the page's path.  Reads every ``metrics.json`` under the release folder (``<run>/release``
-    or the folder given); canonical SAE per site = measured L0 closest to ``canonical_l0``."""
+    or the folder given).  Canonical SAE per site: measured L0 closest to ``canonical_l0``; when
+    not given, the release's ``canonical.json`` if any, else L0 closest to 100."""
     data = load_report_data(run_or_release, canonical_l0)
     if out_dir is None:
         out_dir = data.release.parent / "report" if data.release.name == "release" else data.release / "report"
@@ -130,7 +132,8 @@ def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, 
         ("FVU against L0", plots.tradeoff(data, "fvu", "FVU", out / "fvu_vs_l0.png"),
          "Fraction of variance unexplained, variance taken about the mean activation."),
         ("Canonical SAEs across layers", plots.canonical_by_layer(data, out / "canonical_by_layer.png"),
-         f"One SAE per site: measured L0 closest to {canonical_l0:g}. The hardest site is circled."),
+         ("One SAE per site (the canonical one: average L0 closest to the target, 100 unless the run chose "
+          "another). The hardest site is circled.")),
         ("Loss by token position", plots.by_position(data, out / "by_position.png"),
          "Positions binned 1, 2–3, 4–7, …; position 0 (BOS) is never scored."),
         ("Firing frequency", plots.firing_frequency(data, out / "firing_frequency.png"),
@@ -145,8 +148,8 @@ def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, 
         "<!doctype html><html><head><meta charset='utf-8'><title>saescope report</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>SAE evaluation report</h1>",
-        f"<p class='meta'>{len(data.entries)} SAEs on {len(data.canonical)} sites; release: "
-        f"<code>{release_link}</code>{'; ' + meta if meta else ''}</p>",
+        (f"<p class='meta'>{len(data.entries)} SAEs on {len(data.canonical)} sites; release: "
+         f"<code>{release_link}</code>{'; ' + meta if meta else ''}</p>"),
         "<h2>At a glance</h2><ul>",
         _hardest(data, "delta_loss", "delta loss"),
         _hardest(data, "fvu", "FVU"),
@@ -162,8 +165,8 @@ def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, 
         parts.append(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(caption)}</p>"
                      f"<img src='{path.name}' alt='{html.escape(title)}'>")
     parts += [
-        "<h2>Every SAE</h2><p class='note'>Click a header to sort. ★ canonical SAE of its site. "
-        "Red backgrounds: worse values within a column.</p>",
+        ("<h2>Every SAE</h2><p class='note'>Click a header to sort. ★ canonical SAE of its site. "
+         "Red backgrounds: worse values within a column.</p>"),
         _table(data),
         f"<script>{SORT_SCRIPT}</script></body></html>",
     ]

@@ -12,10 +12,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from saescope.report.data import ReportData, SAEEntry  # noqa: E402
+from saescope.report.data import ReportData, SAEEntry
 
 KIND_TITLES = {"resid_post": "residual stream (resid_post)", "attn_z": "attention (attn_z)",
                "mlp_out": "MLP output (mlp_out)"}

@@ -1,0 +1,87 @@
+"""Next-token CE and KL(clean ‖ other) without keeping (tokens × vocabulary) log-probabilities.
+
+For a linear head (logits l = W h, optionally + b), with p the clean distribution and h′ the
+final hidden state of another forward (spliced or zero-ablated):
+
+    CE′ = lse(l′) − l′[target]                    lse = log Σᵥ exp(lᵥ)
+    KL(p ‖ p′) = Σᵥ pᵥ (log pᵥ − l′ᵥ + lse(l′)) = −H(p) − (pᵀW)·h′ − p·b + lse(l′)
+
+so the clean pass keeps, per scored token, −H(p), the D-vector pᵀW and p·b, and every other
+forward needs only its logits' log-sum-exp and one dot product: no log-softmax over the
+vocabulary, and no clean log-probs held in memory (Gemma's vocabulary is 262k words).  The
+matrix product pᵀW costs one extra head-sized product, once per batch for all SAEs.
+
+Heads with a non-linearity (Gemma 2's final logit soft-capping) take the direct route: the
+clean log-probs of the batch are kept and KL is summed over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saescope.evaluate.forward import lm_logits
+
+
+def head_is_linear(model: nn.Module) -> bool:
+    """True when the fast route applies: logits = W h (+ b) with no soft-capping, in float32
+    (in lower precision the logits and the float64 dot product would disagree by ~1e-2)."""
+    head = model.get_output_embeddings()
+    return not getattr(model.config, "final_logit_softcapping", None) and head.weight.dtype == torch.float32
+
+
+class CleanReference:
+    """The clean forward's next-token predictions at M scored positions, kept compactly.
+
+    ``ce_clean_M`` is the clean CE; :meth:`score` returns (CE, KL(clean ‖ other)) for another
+    forward's final hidden states at the same positions.  Work goes in chunks of
+    ``chunk_tokens`` rows, so no temporary exceeds chunk_tokens × vocabulary floats.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, hidden_MD: torch.Tensor, targets_M: torch.Tensor, chunk_tokens: int):
+        self.model, self.targets_M, self.chunk = model, targets_M, chunk_tokens
+        self.linear = head_is_linear(model)
+        head = model.get_output_embeddings()
+        self.W_VD, self.b_V = head.weight, getattr(head, "bias", None)
+        M = len(targets_M)
+        self.ce_clean_M = torch.empty(M, dtype=torch.float64, device=hidden_MD.device)
+        if self.linear:
+            self.neg_entropy_M = torch.empty_like(self.ce_clean_M)
+            self.p_bias_M = torch.zeros_like(self.ce_clean_M)
+            self.pW_MD = torch.empty(M, self.W_VD.shape[1], dtype=torch.float32, device=hidden_MD.device)
+        else:
+            self.log_probs_MV = torch.empty(M, self.W_VD.shape[0], dtype=torch.float32, device=hidden_MD.device)
+        for rows in self._chunks(M):
+            log_probs = torch.log_softmax(lm_logits(model, hidden_MD[rows]), dim=-1)
+            self.ce_clean_M[rows] = -log_probs.gather(-1, targets_M[rows, None]).squeeze(-1).double()
+            if self.linear:
+                probs = log_probs.exp()
+                self.neg_entropy_M[rows] = (probs * log_probs).sum(-1).double()
+                self.pW_MD[rows] = probs @ self.W_VD.float()
+                if self.b_V is not None:
+                    self.p_bias_M[rows] = (probs @ self.b_V.float()).double()
+            else:
+                self.log_probs_MV[rows] = log_probs
+
+    def _chunks(self, M: int):
+        return (slice(s, min(s + self.chunk, M)) for s in range(0, M, self.chunk))
+
+    @torch.no_grad()
+    def score(self, hidden_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE, KL(clean ‖ other)) per scored position, float64, from another forward's hidden states."""
+        ce_M, kl_M = torch.empty_like(self.ce_clean_M), torch.empty_like(self.ce_clean_M)
+        for rows in self._chunks(len(self.targets_M)):
+            logits = lm_logits(self.model, hidden_MD[rows])
+            if self.linear:
+                lse = torch.logsumexp(logits, dim=-1).double()
+                ce_M[rows] = lse - logits.gather(-1, self.targets_M[rows, None]).squeeze(-1).double()
+                h = hidden_MD[rows].double()
+                expected_logit = (self.pW_MD[rows].double() * h).sum(-1) + self.p_bias_M[rows]
+                kl_M[rows] = self.neg_entropy_M[rows] - expected_logit + lse
+            else:
+                log_probs = torch.log_softmax(logits, dim=-1)
+                ce_M[rows] = -log_probs.gather(-1, self.targets_M[rows, None]).squeeze(-1).double()
+                clean = self.log_probs_MV[rows]
+                kl_M[rows] = (clean.exp() * (clean - log_probs)).sum(-1).double()
+        return ce_M, kl_M.clamp_min(0.0)
