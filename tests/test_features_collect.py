@@ -316,3 +316,14 @@ def test_bf16_shortlist_gives_the_float32_answer(tiny_model):
     fast = logit_effects(model, Site(2, "resid_post"), W_dec_FD, shortlist_dtype=torch.bfloat16)
     for e, f in zip(exact, fast):
         assert torch.equal(e, f) if e.dtype == torch.int64 else torch.allclose(e, f, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [20_000, 20_480])  # with and without a padded last block
+def test_blocked_topk_finds_the_topk_sets(width):
+    from saescope.features.logits import blocked_topk
+
+    x = torch.randn(6, width, generator=torch.Generator().manual_seed(2))
+    x[0, width - 1], x[1, width - 1] = 100.0, -100.0  # extremes in the last block
+    top, bottom = blocked_topk(x, 30)
+    assert torch.equal(top.sort(dim=1).values, x.topk(30, dim=1).indices.sort(dim=1).values)
+    assert torch.equal(bottom.sort(dim=1).values, x.topk(30, dim=1, largest=False).indices.sort(dim=1).values)

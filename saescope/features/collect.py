@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saescope.features.logits import fast_shortlist_dtype, logit_effects
+from saescope.features.logits import LogitLens, fast_shortlist_dtype
 from saescope.features.stats import Events, LatentScale, OctaveSampler, RunningHistogram, RunningTopK, TokenIndex
 from saescope.features.store import DB_NAME, FeatureWriter
 from saescope.sites import Site, capture
@@ -82,18 +82,18 @@ def _context_rows(sae_id, latent_C, kind_C, rank_C, act_C, token_C, window_CW, c
     pos_CW = pos_C[:, None] + np.arange(-cfg.before, cfg.after + 1)
     inside_CW = (pos_CW >= 0) & (pos_CW < T)
     pos_clip = pos_CW.clip(0, T - 1)
-    ids_CW = corpus.input_ids[seq_C[:, None], pos_clip]
     doc_CW = corpus.doc_ids[seq_C[:, None], pos_clip]
     same_doc_CW = inside_CW & (doc_CW == corpus.doc_ids[seq_C, pos_C][:, None])
     for i in range(len(latent_C)):
         keep = same_doc_CW[i]
+        focus = int(keep[: cfg.before].sum())
         yield (
             sae_id, int(latent_C[i]), kind_C[i], int(rank_C[i]), float(act_C[i]), int(seq_C[i]), int(pos_C[i]),
-            int(keep[: cfg.before].sum()), ids_CW[i][keep], window_CW[i][keep],
+            int(pos_C[i]) - focus, focus, window_CW[i][keep],
         )
 
 
-def _write_sae(writer, name, site, sae, col: SAECollector, model, corpus, n_tokens, release_path, cfg, shortlist):
+def _write_sae(writer, name, site, sae, col: SAECollector, lens: LogitLens, corpus, n_tokens, release_path, cfg):
     F = sae.cfg.d_sae
     count = col.scale.count_F.cpu().numpy()
     freq = count / max(n_tokens, 1)
@@ -109,8 +109,7 @@ def _write_sae(writer, name, site, sae, col: SAECollector, model, corpus, n_toke
     sae_id = writer.add_sae(name, site, F, release_path, info)
 
     t0 = time.perf_counter()
-    top_ids, top_vals, bot_ids, bot_vals = (t.numpy() for t in logit_effects(
-        model, site, sae.W_dec.detach(), cfg.logit_tokens, shortlist_dtype=shortlist))
+    top_ids, top_vals, bot_ids, bot_vals = (t.numpy() for t in lens.effects(site, sae.W_dec.detach(), cfg.logit_tokens))
     logits_s = time.perf_counter() - t0
     mean = (col.scale.sum_F.cpu().numpy() / np.maximum(count, 1)).tolist()
     maxes = col.scale.max_F.cpu().numpy().tolist()
@@ -244,7 +243,7 @@ def collect_features(
     bar.close()
     timings = {"pass_s": time.perf_counter() - t0, "logits_s": 0.0}
 
-    shortlist = fast_shortlist_dtype(device) if cfg.fast_logits else None
+    lens = LogitLens(model, fast_shortlist_dtype(device) if cfg.fast_logits else None)
     writer = FeatureWriter(out_dir / DB_NAME)
     try:
         t1 = time.perf_counter()
@@ -252,8 +251,9 @@ def collect_features(
             folder = Path(cfg.release_root) / name if cfg.release_root else None
             rel = os.path.relpath(folder, out_dir) if folder is not None and folder.is_dir() else None
             timings["logits_s"] += _write_sae(
-                writer, name, site, sae, collectors[name], model, corpus, n_tokens, rel, cfg, shortlist
+                writer, name, site, sae, collectors[name], lens, corpus, n_tokens, rel, cfg
             )
+        writer.add_sequences(corpus.input_ids)
         writer.add_vocab(lambda ids: [tokenizer.decode([i]) for i in ids])
         timings["write_s"] = time.perf_counter() - t1 - timings["logits_s"]
         writer.set_meta(

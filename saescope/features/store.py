@@ -21,14 +21,17 @@ top_logits, bottom_logits)``, primary key (sae, latent)
     ``frequency`` = n_fired / n_tokens; ``mean_act`` is over firing tokens; ``histogram`` is a
     JSON list of counts over equal bins of [0, ``hist_max``]; ``top_logits``/``bottom_logits``
     are JSON ``[[token_id, effect], ...]`` (direct logit effect, see ``logits.py``).
-``contexts(sae, latent, kind, rank, act, seq, pos, focus, tokens, acts)``, primary key
+``contexts(sae, latent, kind, rank, act, seq, pos, start, focus, acts)``, primary key
 (sae, latent, kind, rank)
     ``kind`` is ``top`` (the top-k, rank 0 = largest) or ``q<j>`` (a uniform sample of the
     firing events whose activation lies in octave j below the latent's range [lo, hi], see
     ``sample_ranges`` in the card); ``seq``/``pos`` locate the activating token in the corpus's
-    packed sequences; ``tokens`` (int32 BLOB) is the window of token ids, cut at document
-    boundaries; ``acts`` (float16 BLOB) the latent's activation on each of them; ``focus`` is the
-    index of the activating token within the window.
+    packed sequences; the window is the ``n = len(acts) / 2`` tokens of sequence ``seq`` from
+    position ``start`` (cut at document boundaries), ``acts`` (float16 BLOB) the latent's
+    activation on each of them, ``focus`` (= pos - start) the activating token's index in it.
+``sequences(seq INTEGER PRIMARY KEY, tokens BLOB)``
+    The token ids (int32 BLOB) of every packed sequence a context points into, stored once:
+    a window's ids are ``substr(tokens, 4 * start + 1, 4 * n)``.
 ``token_latents(sae, token, rank, latent, max_act)``, primary key (sae, token, rank)
     For each corpus token id, the latents with the largest activation on it (rank 0 first).
 ``vocab(token INTEGER PRIMARY KEY, text TEXT)``
@@ -58,10 +61,11 @@ CREATE TABLE latents (sae INTEGER, latent INTEGER, n_fired INTEGER, frequency RE
                       mean_act REAL, hist_max REAL, histogram TEXT, top_logits TEXT, bottom_logits TEXT,
                       PRIMARY KEY (sae, latent)) WITHOUT ROWID;
 CREATE TABLE contexts (sae INTEGER, latent INTEGER, kind TEXT, rank INTEGER, act REAL, seq INTEGER,
-                       pos INTEGER, focus INTEGER, tokens BLOB, acts BLOB,
+                       pos INTEGER, start INTEGER, focus INTEGER, acts BLOB,
                        PRIMARY KEY (sae, latent, kind, rank)) WITHOUT ROWID;
 CREATE TABLE token_latents (sae INTEGER, token INTEGER, rank INTEGER, latent INTEGER, max_act REAL,
                             PRIMARY KEY (sae, token, rank)) WITHOUT ROWID;
+CREATE TABLE sequences (seq INTEGER PRIMARY KEY, tokens BLOB);
 CREATE TABLE vocab (token INTEGER PRIMARY KEY, text TEXT);
 """
 
@@ -77,6 +81,7 @@ class FeatureWriter:
         self.db = sqlite3.connect(self.tmp)
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
         self.token_ids: set[int] = set()
+        self.seqs: set[int] = set()
 
     def set_meta(self, **values: Any) -> None:
         self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()])
@@ -99,18 +104,24 @@ class FeatureWriter:
         self.db.executemany("INSERT INTO latents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
 
     def add_contexts(self, rows: Iterable[tuple]) -> None:
-        """Rows ``(sae, latent, kind, rank, act, seq, pos, focus, tokens int array, acts float array)``."""
+        """Rows ``(sae, latent, kind, rank, act, seq, pos, start, focus, acts float array)``."""
         out = []
-        for *head, tokens, acts in rows:
-            tokens = np.asarray(tokens, dtype="<i4")
-            self.token_ids.update(tokens.tolist())
-            out.append((*head, tokens.tobytes(), np.asarray(acts, dtype="<f2").tobytes()))
+        for *head, acts in rows:
+            self.seqs.add(head[5])
+            out.append((*head, np.asarray(acts, dtype="<f2").tobytes()))
         self.db.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
 
     def add_token_latents(self, rows: Iterable[tuple[int, int, int, int, float]]) -> None:
         rows = list(rows)
         self.token_ids.update(r[1] for r in rows)
         self.db.executemany("INSERT INTO token_latents VALUES (?, ?, ?, ?, ?)", rows)
+
+    def add_sequences(self, input_ids: np.ndarray) -> None:
+        """Store the rows of ``input_ids`` (N, T) that the contexts written so far point into."""
+        rows = [(s, np.asarray(input_ids[s], dtype="<i4").tobytes()) for s in sorted(self.seqs)]
+        for s in self.seqs:
+            self.token_ids.update(int(t) for t in input_ids[s])
+        self.db.executemany("INSERT OR REPLACE INTO sequences VALUES (?, ?)", rows)
 
     def add_vocab(self, decode) -> None:
         """Store ``decode(token_id) -> str`` for every token id written so far."""
@@ -181,7 +192,9 @@ class FeatureStore:
             if row is None:
                 return None
             ctx = db.execute(
-                "SELECT kind, rank, act, seq, pos, focus, tokens, acts FROM contexts "
+                "SELECT kind, rank, act, c.seq, pos, focus, acts, "
+                "substr(s.tokens, 4 * start + 1, 2 * length(acts)) AS tokens "
+                "FROM contexts c JOIN sequences s ON s.seq = c.seq "
                 "WHERE sae=? AND latent=? ORDER BY kind != 'top', kind, rank",
                 (sae, latent),
             ).fetchall()
