@@ -78,6 +78,10 @@ def add_parser(subparsers) -> None:
     how.add_argument("--log-every", type=int, default=100, help="steps between log records (default 100)")
     how.add_argument("--loggers", default="", help="also log to: tensorboard, wandb (comma-separated; must be installed)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    how.add_argument("--parallel", choices=("site", "data"), default="site",
+                     help="under torchrun: site = each rank trains its share of the SAEs (default; no "
+                          "communication), data = every rank trains every SAE on its slice of each batch "
+                          "(gradient all-reduce; for few, large SAEs).  See docs/distributed.md")
     p.set_defaults(func=run)
 
 
@@ -114,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.k:
         raise ValueError(f"--arch {args.arch} takes --l0-coefficients, not --k")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from saescope.train.distributed import init_distributed, launched_by_torchrun
+
+    env = init_distributed(args.device) if launched_by_torchrun() else None  # torchrun: one GPU per rank
+    if env is not None:
+        device = env.device
 
     if args.store is not None:
         from saescope.store import ActivationStore, StoreReader
@@ -139,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
         all_sites = _sites_from(args.sites, set(_every_site(n_layers(model))))
         corpus = load_corpus(args.corpus or defaults.DEFAULT_CORPUS, tokenizer, seq_len=args.seq_len,
                              max_tokens=args.tokens, seed=args.seed)
+        if env is not None:  # each rank runs the model on its own share of the sequences
+            from saescope.train.parallel import corpus_share
+
+            corpus = corpus_share(corpus, env.rank, env.world_size)
         source = OnlineSource(model, corpus, all_sites, device=device)
         sites, model_name, tokens, out = all_sites, args.model, args.tokens, args.out
 
@@ -149,11 +162,17 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.for_steps(n_steps, **overrides)
     specs = sweep(sites, args.widths, architecture=args.arch,
                   sparsity_coefficients=args.l0_coefficients or [1e-3], ks=args.k or [], seed=args.seed)
-    trainer = Trainer(
-        source, specs, recipe, out, n_steps=n_steps, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, device=device, data_seed=args.seed, model_name=model_name,
-        loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()), progress=not args.no_progress,
+    kwargs = dict(
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, device=device, data_seed=args.seed,
+        model_name=model_name, loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),
+        progress=not args.no_progress,
     )
+    if env is not None:
+        return _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs)
+    from saescope.train.parallel import check_not_split
+
+    check_not_split(out)
+    trainer = Trainer(source, specs, recipe, out, n_steps=n_steps, **kwargs)
     print(f"training {len(specs)} SAEs on {len(sites)} sites for {n_steps} steps of {args.batch_size} "
           f"tokens on {device} -> {out}")
     folders = trainer.fit()
@@ -163,6 +182,34 @@ def run(args: argparse.Namespace) -> int:
     for t in stopped:
         print(f"stopped {t.name}: {t.error}")
     print(f"{len(folders)} SAEs released, {len(stopped)} stopped; log: {out / 'train_log.jsonl'}")
+    return 1 if stopped else 0
+
+
+def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> int:
+    """Under torchrun: site- or data-parallel training (docs/distributed.md); rank 0 reports."""
+    import json
+
+    from saescope.train.distributed import shutdown
+    from saescope.train.parallel import fit_distributed
+
+    if env.is_main:
+        print(f"training {len(specs)} SAEs, {args.parallel}-parallel over {env.world_size} ranks, for {n_steps} "
+              f"steps of {args.batch_size} tokens -> {out}")
+    try:
+        folders = fit_distributed(args.parallel, source, specs, recipe, out, n_steps=n_steps,
+                                  online=args.model is not None, env=env, **kwargs)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise RuntimeError(err if str(err).startswith(str(env)) else f"{env}: {err}") from err
+    stopped = []
+    if env.is_main:
+        summary = json.loads((out / "train_summary.json").read_text())
+        stopped = [s for s in summary["saes"] if s["status"] == "stopped"]
+        for folder in folders:
+            print(f"released {folder}")
+        for s in stopped:
+            print(f"stopped {s['sae']}: {s['error']}")
+        print(f"{len(folders)} SAEs released, {len(stopped)} stopped; summary: {out / 'train_summary.json'}")
+    shutdown()
     return 1 if stopped else 0
 
 

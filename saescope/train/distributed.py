@@ -1,0 +1,363 @@
+"""torch.distributed for saescope: the process group, rank helpers, who trains what, and the
+data-parallel gradient all-reduce.
+
+Everything here runs on PyTorch's own machinery: processes are started by ``torchrun`` (which
+sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``), talk through
+``torch.distributed`` (NCCL between GPUs, gloo between CPU processes), and a failed rank is
+reported by torchrun's elastic agent, which stops the others.  Our side adds what the agent
+cannot know: every collective that fails (because a peer died) is re-raised naming this rank,
+what it was doing and how to resume (:class:`CollectiveError`).
+
+How the three kinds of parallelism use this module (see ``docs/distributed.md``):
+
+* site parallelism: :func:`assign_specs` deals the SAEs to ranks by FLOPs, no communication;
+* data parallelism: :class:`GradAllReduce` averages gradients between backward and the step;
+* latent (tensor) parallelism: :mod:`saescope.sae.sharded` sums partial reconstructions.
+
+Nothing here is imported by ``import saescope``; torch is imported lazily by the callers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from saescope.sites import Site
+from saescope.train.spec import SAESpec
+
+#: what torchrun exports to every worker; a process that has some but not all of them was
+#: started by something else, and guessing the missing ones would hang the job
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: test hook: ``rank=1,step=5[,at=batch|shard][,mode=raise|kill]`` makes that rank fail there
+FAILURE_VAR = "SAESCOPE_INJECT_FAILURE"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: its rank among ``world_size`` and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: "nccl", "gloo" or None (a single process: no process group)
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.world_size}"
+
+
+_ENV = DistEnv()
+#: a gloo group whose barriers wait for days: ranks that finish their share early wait there
+#: for the slowest one (a dead rank still ends the job at once: torchrun stops the others)
+_PATIENT_GROUP = None
+PATIENT_TIMEOUT = timedelta(days=7)
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a worker started by torchrun (or anything exporting torchrun's variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``"auto"`` → ``cuda:<local rank>`` when CUDA is available, else CPU; ``"cuda"`` → this
+    process's GPU; anything else as given."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} was asked for but CUDA is not available")
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} wants GPU {device.index} but only {torch.cuda.device_count()} are "
+                "visible: --nproc-per-node must not exceed the GPUs of a node"
+            )
+    return device
+
+
+def init_distributed(device: str | torch.device = "auto", *, backend: str | None = None,
+                     timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group torchrun set up (or stay a single process) and return where we stand.
+
+    Outside torchrun this returns rank 0 of 1 and creates no process group, so the same code runs
+    with and without a launcher.  Backend: NCCL for CUDA devices, gloo for CPU.  ``timeout_s``
+    bounds how long a collective waits for a peer that neither answers nor dies.
+    """
+    global _ENV, _PATIENT_GROUP
+    if not launched_by_torchrun() and not dist.is_initialized():
+        _ENV = DistEnv(device=resolve_device(device))
+        return _ENV
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"distributed launch is missing the environment variable(s) {', '.join(missing)}: "
+                "start saescope with torchrun (e.g. torchrun --nproc-per-node 2 -m saescope ...)"
+            )
+        try:
+            rank, world, local_rank = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        except ValueError:
+            raise RuntimeError(
+                "RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers, got "
+                + ", ".join(f"{v}={os.environ[v]!r}" for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+            ) from None
+        if world < 1 or not 0 <= rank < world:
+            raise RuntimeError(f"inconsistent launch: RANK={rank} with WORLD_SIZE={world}")
+    dev = resolve_device(device, local_rank)
+    if dist.is_initialized():
+        chosen = dist.get_backend()
+    else:
+        chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        available = {"nccl": dist.is_nccl_available(), "gloo": dist.is_gloo_available()}
+        if not available.get(chosen, True):
+            raise RuntimeError(f"torch.distributed backend {chosen!r} is not available in this PyTorch build")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        with collective(f"joining the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                        DistEnv(rank, world, local_rank, dev, chosen)):
+            dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s))
+    _ENV = DistEnv(rank, world, local_rank, dev, chosen)
+    if _PATIENT_GROUP is None:
+        with collective("creating the end-of-work group"):
+            _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    return _ENV
+
+
+def shutdown() -> None:
+    """Leave the process group (call at the end of a distributed command)."""
+    global _ENV, _PATIENT_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV, _PATIENT_GROUP = DistEnv(device=_ENV.device), None
+
+
+def current() -> DistEnv:
+    """The environment set by :func:`init_distributed` (rank 0 of 1 before it is called)."""
+    return _ENV
+
+
+def rank() -> int:
+    return _ENV.rank
+
+
+def world_size() -> int:
+    return _ENV.world_size
+
+
+def is_main() -> bool:
+    return _ENV.rank == 0
+
+
+# --- collectives that say what went wrong --------------------------------------------------
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed, almost always because another rank died or hung."""
+
+
+@contextmanager
+def collective(what: str, env: DistEnv | None = None) -> Iterator[None]:
+    """Re-raise a failed collective as :class:`CollectiveError` naming this rank and ``what``."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except (RuntimeError, dist.DistError) as err:
+        env = env or _ENV
+        raise CollectiveError(
+            f"{env}: {what} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "Another rank probably stopped (torchrun's summary names the first one to fail); fix the cause "
+            "and relaunch the same command to resume from the last checkpoint"
+        ) from err
+
+
+def barrier(what: str = "barrier", *, patient: bool = False) -> None:
+    """Wait for every rank (no-op in a single process).  ``patient``: wait for days, not the
+    process group's timeout — for ranks that finished their share and wait for the others."""
+    if not _ENV.distributed:
+        return
+    with collective(what):
+        if patient and _PATIENT_GROUP is not None:
+            dist.barrier(group=_PATIENT_GROUP)
+        elif _ENV.backend == "nccl":
+            dist.barrier(device_ids=[_ENV.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", what: str = "all-reduce") -> torch.Tensor:
+    """In-place all-reduce (``"sum"``, ``"min"``, ``"max"``) on this process's device; returns it."""
+    if not _ENV.distributed:
+        return tensor
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    target = tensor if tensor.device == comm_device() else tensor.to(comm_device())
+    with collective(what):
+        dist.all_reduce(target, op=ops[op])
+    if target is not tensor:
+        tensor.copy_(target)
+    return tensor
+
+
+def comm_device() -> torch.device:
+    """Where tensors must be for a collective: the GPU under NCCL, the CPU under gloo."""
+    return _ENV.device if _ENV.backend == "nccl" else torch.device("cpu")
+
+
+# --- data parallelism --------------------------------------------------------------------------
+
+
+class GradAllReduce:
+    """The ``reduce_grads`` hook of :class:`~saescope.train.sae_trainer.SAETrainer` under data
+    parallelism: average every gradient over the ranks, in place, before anything reads them.
+
+    Why averaging is exact: every rank's loss is a mean over its B local rows, so the mean of the
+    W local gradients is the gradient of the mean over the W·B rows — the single-process loss on
+    the global batch.  That includes JumpReLU's θ: its pseudo-gradient is a *sum* over the batch
+    of kernel terms each carrying the 1/B of the batch mean, so it averages like every other
+    gradient.  A parameter without a gradient (unused this step) all-reduces zeros, so every rank
+    issues the same collectives in the same order.
+
+    ``seconds`` and ``bytes`` accumulate the time spent in (and the payload of) the all-reduces,
+    for the communication share reported by ``benchmarks/distributed.py``.
+    """
+
+    def __init__(self, env: DistEnv | None = None):
+        self.env = env or _ENV
+        self.seconds = 0.0
+        self.bytes = 0
+        self.calls = 0
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        if not self.env.distributed:
+            return
+        start = time.perf_counter()
+        device = None
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_(p.grad, "sum", what=f"all-reduce of {name}'s gradient")
+            p.grad.div_(self.env.world_size)
+            self.bytes += p.grad.numel() * p.grad.element_size()
+            device = p.grad.device
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)  # NCCL is asynchronous: time the transfer, not its launch
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+
+# --- site parallelism: who trains what ---------------------------------------------------------
+
+
+def spec_cost(spec: SAESpec, d_in: int) -> int:
+    """FLOPs per token of one training step, up to a constant shared by every SAE: d_in × d_sae
+    (the five D×F matrix products of a JumpReLU step are ~10·D·F; other architectures differ by
+    a constant factor close to 1)."""
+    return d_in * spec.d_sae
+
+
+def _deal(units: list[tuple[int, tuple, list]], world_size: int) -> tuple[list[list], int]:
+    """Longest-processing-time-first: each ``(cost, sort key, items)`` unit, largest first, goes
+    to the least-loaded rank.  Returns every rank's items and the busiest rank's load."""
+    loads = [0] * world_size
+    ranks: list[list] = [[] for _ in range(world_size)]
+    for cost, _, items in sorted(units, key=lambda u: (-u[0], u[1])):
+        target = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[target] += cost
+        ranks[target].extend(items)
+    return ranks, max(loads)
+
+
+def assign_specs(specs: list[SAESpec], world_size: int, *, d_in: dict[Site, int],
+                 split_sites: str = "auto") -> list[list[SAESpec]]:
+    """Deal ``specs`` to ``world_size`` ranks, balancing FLOPs (Σ d_in·d_sae per rank).
+
+    ``split_sites``: ``"never"`` keeps all SAEs of a site on one rank (each site's activations
+    are read, or received, by one process only); ``"always"`` deals SAEs one by one; ``"auto"``
+    (default) keeps sites whole unless splitting them lowers the busiest rank's load by more
+    than 10% (e.g. fewer sites than ranks, or one site with a wide λ sweep).  Pure and
+    deterministic: every rank computes the same answer.  Each rank's list keeps the input order.
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if split_sites not in ("auto", "never", "always"):
+        raise ValueError(f"split_sites must be auto, never or always, got {split_sites!r}")
+    missing = sorted({s.site for s in specs} - set(d_in))
+    if missing:
+        raise ValueError(f"no input width known for {', '.join(map(str, missing))}")
+    order = {s.name: i for i, s in enumerate(specs)}
+    by_site: dict[Site, list[SAESpec]] = {}
+    for spec in specs:
+        by_site.setdefault(spec.site, []).append(spec)
+    whole = [(sum(spec_cost(s, d_in[site]) for s in group), (site,), group) for site, group in by_site.items()]
+    single = [(spec_cost(s, d_in[s.site]), (s.site, s.name), [s]) for s in specs]
+    by_whole, load_whole = _deal(whole, world_size)
+    if split_sites == "never":
+        chosen = by_whole
+    else:
+        by_single, load_single = _deal(single, world_size)
+        chosen = by_single if split_sites == "always" or load_single < 0.9 * load_whole else by_whole
+    return [sorted(r, key=lambda s: order[s.name]) for r in chosen]
+
+
+def site_owners(sites: list[Site], world_size: int, *, d_in: dict[Site, int],
+                weight: dict[Site, int] | None = None) -> dict[Site, int]:
+    """Which rank owns each site when sites, not SAEs, are the unit (online training: a site's
+    activations are sent to exactly one rank).  ``weight``: the site's SAE cost (default d_in)."""
+    weight = weight or {s: d_in[s] for s in sites}
+    ranks, _ = _deal([(weight[s], (s,), [s]) for s in sites], world_size)
+    return {site: r for r, group in enumerate(ranks) for site in group}
+
+
+# --- failure injection (tests) -----------------------------------------------------------------
+
+
+def maybe_inject_failure(step: int, where: str = "batch", env: DistEnv | None = None) -> None:
+    """Fail on purpose when ``SAESCOPE_INJECT_FAILURE`` names this rank, ``step`` and ``where``.
+
+    The value is ``rank=R,step=K[,at=batch|shard][,mode=raise|kill]``: ``at`` says which counter
+    ``step`` refers to (training batches, the default, or harvest shard groups); ``raise``
+    (default) raises an error that torchrun's agent reports with its traceback; ``kill`` sends this
+    process SIGKILL, as the out-of-memory killer or a lost node would.  The tests use it to check
+    that a failed rank stops the job with a clear report and that a relaunch resumes.
+    """
+    value = os.environ.get(FAILURE_VAR)
+    if not value:
+        return
+    try:
+        spec = dict(item.split("=", 1) for item in value.split(","))
+        target_rank, target_step = int(spec["rank"]), int(spec["step"])
+        target_where, mode = spec.get("at", "batch"), spec.get("mode", "raise")
+        if target_where not in ("batch", "shard") or mode not in ("raise", "kill"):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise ValueError(f"{FAILURE_VAR}={value!r}: expected rank=R,step=K[,at=batch|shard][,mode=raise|kill]") from None
+    env = env or _ENV
+    if env.rank != target_rank or step != target_step or where != target_where:
+        return
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"{env}: injected failure at {where} {step} ({FAILURE_VAR}={value})")
