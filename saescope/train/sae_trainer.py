@@ -10,7 +10,8 @@ unit :class:`saescope.train.trainer.Trainer` runs many of per data pass.  A step
 4. refuse to step if the batch, the loss or a gradient is NaN/Inf (:class:`NonFiniteError`:
    the weights are untouched, so the last checkpoint and the in-memory SAE stay sound);
 5. remove the gradient component parallel to each decoder row, Adam step at this step's lr,
-   renormalise decoder rows, clamp JumpReLU's θ to stay positive.
+   renormalise decoder rows, keep JumpReLU's θ positive (``sae.clamp_threshold_``, if the
+   architecture has it).
 
 Metrics are accumulated on the device without synchronising; :meth:`SAETrainer.pop_metrics`
 turns them into floats (averages since the last pop).
@@ -120,10 +121,8 @@ class SAETrainer:
         self.optimizer.step()
         if recipe.decoder_unit_norm:
             sae.normalize_decoder_()
-        threshold = getattr(sae, "threshold", None)
-        if isinstance(threshold, torch.Tensor):
-            with torch.no_grad():
-                threshold.clamp_(min=recipe.threshold_min)
+        if hasattr(sae, "clamp_threshold_"):  # JumpReLU: θ must stay positive
+            sae.clamp_threshold_(recipe.threshold_min)
 
         step_sums = self._accumulate(x_BD, out, step)
         self._last_step = step
@@ -208,7 +207,8 @@ class SAETrainer:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue bit-identically, as named CPU tensors (safetensors)."""
-        tensors = {f"sae.{n}": p.detach() for n, p in self.sae.named_parameters()}
+        # state_dict: parameters *and* buffers (TopK's dead-latent counters, BatchTopK's threshold)
+        tensors = {f"sae.{n}": t.detach() for n, t in self.sae.state_dict().items()}
         names = {p: n for n, p in self.sae.named_parameters()}
         for param, state in self.optimizer.state.items():
             for key, value in state.items():
@@ -225,12 +225,13 @@ class SAETrainer:
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        params = dict(self.sae.named_parameters())
-        missing = sorted(f"sae.{n}" for n in params if f"sae.{n}" not in tensors)
+        own = self.sae.state_dict()
+        missing = sorted(f"sae.{n}" for n in own if f"sae.{n}" not in tensors)
         if missing:
             raise ValueError(f"checkpoint for {self.name} lacks {', '.join(missing)}")
-        for n, p in params.items():
-            p.copy_(tensors[f"sae.{n}"])
+        for n, t in own.items():
+            t.copy_(tensors[f"sae.{n}"])
+        params = dict(self.sae.named_parameters())
         self.optimizer.state.clear()
         for key, value in tensors.items():
             if not key.startswith("adam."):
