@@ -78,10 +78,11 @@ def add_parser(subparsers) -> None:
     how.add_argument("--log-every", type=int, default=100, help="steps between log records (default 100)")
     how.add_argument("--loggers", default="", help="also log to: tensorboard, wandb (comma-separated; must be installed)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
-    how.add_argument("--parallel", choices=("site", "data"), default="site",
+    how.add_argument("--parallel", choices=("site", "data", "latent"), default="site",
                      help="under torchrun: site = each rank trains its share of the SAEs (default; no "
                           "communication), data = every rank trains every SAE on its slice of each batch "
-                          "(gradient all-reduce; for few, large SAEs).  See docs/distributed.md")
+                          "(gradient all-reduce), latent = every SAE's latents split over the ranks (for SAEs "
+                          "too wide for one device; JumpReLU, from a store).  See docs/distributed.md")
     p.set_defaults(func=run)
 
 
@@ -148,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         all_sites = _sites_from(args.sites, set(_every_site(n_layers(model))))
         corpus = load_corpus(args.corpus or defaults.DEFAULT_CORPUS, tokenizer, seq_len=args.seq_len,
                              max_tokens=args.tokens, seed=args.seed)
+        if env is not None and args.parallel == "latent":
+            raise ValueError("--parallel latent trains from an activation store: run saescope harvest first")
         if env is not None:  # each rank runs the model on its own share of the sequences
             from saescope.train.parallel import corpus_share
 

@@ -1,6 +1,6 @@
 """Distributed training over the unchanged :class:`~saescope.train.trainer.Trainer`.
 
-Three ways to use W ranks (``docs/distributed.md`` compares them):
+Four ways to use W ranks (``docs/distributed.md`` compares them):
 
 * **site parallelism** (:func:`train_site_parallel`): each rank trains its share of the SAEs
   (dealt by FLOPs, :func:`~saescope.train.distributed.assign_specs`) on its own sites' data, with
@@ -9,9 +9,11 @@ Three ways to use W ranks (``docs/distributed.md`` compares them):
 * **data parallelism** (:class:`DataParallelTrainer`): every rank holds every SAE, trains on its
   slice of each global batch and averages gradients; rank 0 alone writes checkpoints, log and
   release, into ``<out>`` exactly as a single process would.
-* **online, site-parallel** (:func:`train_online_site_parallel` with :class:`OwnerExchange`):
-  every rank runs the model on its own share of the corpus, and one all-to-all per step sends
-  each site's rows to the rank that owns the site.
+* **online, site-parallel** (:mod:`saescope.train.online_parallel`): every rank runs the model
+  on its own share of the corpus, and one all-to-all per step sends each site's rows to the rank
+  that owns the site;
+* **latent parallelism** (:mod:`saescope.train.latent_parallel`): SAEs too wide for one device,
+  their latents split over the ranks.
 
 A relaunch after a failure resumes.  Site-parallel and online runs must be relaunched with the
 same number of processes (``<out>/parallel.json`` records it); a data-parallel run may resume
@@ -21,16 +23,12 @@ on any number of ranks that divides the batch, since the global batches do not d
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
-from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from saescope.batches import BatchSource
 from saescope.sites import Site
@@ -41,8 +39,6 @@ from saescope.train.distributed import (
     all_reduce_,
     assign_specs,
     barrier,
-    collective,
-    comm_device,
     current,
     maybe_inject_failure,
 )
@@ -262,90 +258,15 @@ def train_site_parallel(make_source: Callable[[list[Site]], BatchSource], specs:
         sites = sorted({s.site for s in mine})
         trainer_kwargs["progress"] = trainer_kwargs.get("progress", True) and env.is_main
         Trainer(make_source(sites), mine, recipe, rank_dir(out_dir, env.rank), **trainer_kwargs).fit()
-    return _finish(out_dir, env)
+    return finish_split_run(out_dir, env)
 
 
-def _finish(out_dir: Path, env: DistEnv) -> list[Path]:
+def finish_split_run(out_dir: Path, env: DistEnv) -> list[Path]:
+    """Every rank: wait for all to finish; rank 0 merges the ranks' releases and summaries."""
     barrier("waiting for every rank to finish training", patient=True)
     folders = merge_rank_runs(out_dir, env.world_size) if env.is_main else []
     barrier("waiting for rank 0 to collect the released SAEs", patient=True)
     return folders
-
-
-# --- online: every rank runs the model, each site's rows go to its owner -----------------------
-
-
-class OwnerExchange:
-    """The batches this rank's SAEs need, assembled from every rank's own activations.
-
-    ``local`` yields this rank's activations of *every* site (B/W rows per step, e.g. an
-    :class:`~saescope.stream.OnlineSource` over the rank's share of the corpus).  Each step one
-    ``all_to_all`` sends each site's rows to the rank that ``owners`` names; the rank gets, for
-    each site it owns, the W slices in rank order: B rows.  A BatchSource over the owned sites.
-    """
-
-    def __init__(self, local: BatchSource, owners: dict[Site, int], env: DistEnv | None = None):
-        self.local, self.owners, self.env = local, dict(owners), env or current()
-        missing = sorted(set(owners) - set(local.sites))
-        if missing:
-            raise ValueError(f"the local source has no activations for {', '.join(map(str, missing))}")
-        self.sites: list[Site] = sorted(s for s, o in owners.items() if o == self.env.rank)
-        self.d_in: dict[Site, int] = {s: local.d_in[s] for s in self.sites}
-        self.model_name = getattr(local, "model_name", None)
-        self._by_owner = [sorted(s for s, o in owners.items() if o == r) for r in range(self.env.world_size)]
-        self.bytes_sent = 0
-        #: the batch the most recently opened iteration yields next (see :meth:`serve`)
-        self.next_batch = 0
-
-    def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
-        W = self.env.world_size
-        if batch_size % W:
-            raise ValueError(f"batch size {batch_size} is not divisible by the {W} ranks")
-        self.next_batch = skip_batches
-        return self._iterate(batch_size // W, seed, skip_batches)
-
-    def _iterate(self, b: int, seed: int, skip_batches: int):
-        for i, local in enumerate(self.local.iter_batches(b, seed=seed, skip_batches=skip_batches), start=skip_batches):
-            maybe_inject_failure(i, "batch", self.env)
-            out = self._exchange(local, b, i)
-            self.next_batch = i + 1
-            yield out
-
-    def _exchange(self, local: dict[Site, torch.Tensor], b: int, step: int) -> dict[Site, torch.Tensor]:
-        W = self.env.world_size
-        if W == 1:
-            return {s: local[s] for s in self.sites}
-        device = comm_device()
-        widths = self.local.d_in
-        send = torch.cat([local[s].reshape(-1) for group in self._by_owner for s in group]).to(device)
-        sizes = [b * sum(widths[s] for s in group) for group in self._by_owner]
-        mine = sizes[self.env.rank]
-        recv = torch.empty(W * mine, dtype=send.dtype, device=device)
-        with collective(f"step {step}: sending activations to the ranks that own their sites", self.env):
-            dist.all_to_all_single(recv, send, output_split_sizes=[mine] * W, input_split_sizes=sizes)
-        self.bytes_sent += (send.numel() - sizes[self.env.rank]) * send.element_size()
-        by_rank, out, at = recv.view(W, mine), {}, 0
-        for s in self.sites:
-            n = b * widths[s]
-            out[s] = by_rank[:, at : at + n].reshape(W * b, widths[s])
-            at += n
-        return out
-
-    def serve(self, start: int, stop: int, *, batch_size: int, seed: int = 0) -> None:
-        """Take part in the exchanges of batches ``[start, stop)`` without training on them: a rank
-        whose SAEs all stopped (or that has none) must still send its rows to the others."""
-        if stop > start:
-            for _ in islice(self.iter_batches(batch_size, seed=seed, skip_batches=start), stop - start):
-                pass
-
-
-def corpus_share(corpus, rank: int, world_size: int):
-    """Sequences ``rank, rank + W, …`` of a :class:`~saescope.tokens.TokenizedCorpus`."""
-    if len(corpus) < world_size:
-        raise ValueError(f"corpus {corpus.name!r} has {len(corpus)} sequences, fewer than the {world_size} ranks")
-    pick = slice(rank, None, world_size)
-    return replace(corpus, input_ids=corpus.input_ids[pick], doc_ids=corpus.doc_ids[pick],
-                   subset_ids=corpus.subset_ids[pick], keep_mask=corpus.keep_mask[pick])
 
 
 def agree_on_start_step(ckpt_root: Path, *, has_state: bool, env: DistEnv) -> int:
@@ -376,37 +297,9 @@ def agree_on_start_step(ckpt_root: Path, *, has_state: bool, env: DistEnv) -> in
     return start
 
 
-def train_online_site_parallel(local: BatchSource, specs: list[SAESpec], recipe: Recipe, out_dir, *,
-                               n_steps: int, env: DistEnv | None = None, **trainer_kwargs) -> list[Path]:
-    """Online training over W ranks: ``local`` is this rank's own activations of every site of
-    ``specs`` (the model on :func:`corpus_share`); sites are dealt to ranks by the FLOPs of their
-    SAEs, each step's rows are exchanged (:class:`OwnerExchange`), each rank trains its sites' SAEs.
-    Returns every released folder on rank 0 ([] elsewhere)."""
-    env = env or current()
-    out_dir = Path(out_dir)
-    assignment = assign_specs(specs, env.world_size, d_in=local.d_in, split_sites="never")
-    owners = {s.site: r for r, group in enumerate(assignment) for s in group}
-    check_layout(out_dir, {"mode": "online-site", "world_size": env.world_size,
-                           "ranks": [[s.name for s in group] for group in assignment]}, env)
-    source = OwnerExchange(local, owners, env)
-    mine = assignment[env.rank]
-    folder = rank_dir(out_dir, env.rank)
-    start = agree_on_start_step(folder / "checkpoints", has_state=bool(mine), env=env)
-    batch, seed = recipe.batch_size, trainer_kwargs.get("data_seed", 0)
-    source.next_batch = start
-    if mine:
-        trainer_kwargs["progress"] = trainer_kwargs.get("progress", True) and env.is_main
-        Trainer(source, mine, recipe, folder, n_steps=n_steps, **trainer_kwargs).fit()
-    elif start == 0:  # no SAEs here: mirror the others' input-scale estimate (see Trainer.fit)
-        source.serve(0, max(1, math.ceil(recipe.scale_estimate_tokens / batch)), batch_size=batch, seed=seed)
-        source.next_batch = 0
-    source.serve(source.next_batch, n_steps, batch_size=batch, seed=seed)
-    return _finish(out_dir, env)
-
-
 def fit_distributed(mode: str, source: BatchSource, specs: list[SAESpec], recipe: Recipe, out_dir, *,
                     n_steps: int, online: bool, env: DistEnv | None = None, **trainer_kwargs) -> list[Path]:
-    """What ``saescope train`` runs under torchrun.  ``mode``: ``"site"`` or ``"data"``.
+    """What ``saescope train`` runs under torchrun.  ``mode``: ``"site"``, ``"data"`` or ``"latent"``.
 
     ``source`` is the :class:`~saescope.store.StoreReader` over the run's sites (from a store),
     or this rank's :class:`~saescope.stream.OnlineSource` over its :func:`corpus_share` (online).
@@ -414,10 +307,19 @@ def fit_distributed(mode: str, source: BatchSource, specs: list[SAESpec], recipe
     size, so they see the batches a single process would.  Returns the released folders (rank 0).
     """
     env = env or current()
-    if mode not in ("site", "data"):
-        raise ValueError(f"unknown parallel mode {mode!r}: use site or data")
+    if mode not in ("site", "data", "latent"):
+        raise ValueError(f"unknown parallel mode {mode!r}: use site, data or latent")
     kw = dict(trainer_kwargs, n_steps=n_steps)
+    if mode == "latent":
+        if online:
+            raise ValueError("latent parallelism trains from an activation store (every rank reads the same "
+                             "batches): harvest first, or use --parallel site/data online")
+        from saescope.train.latent_parallel import train_latent_parallel
+
+        return train_latent_parallel(source, specs, recipe, out_dir, env=env, **kw)
     if online:
+        from saescope.train.online_parallel import train_online_site_parallel
+
         if mode == "site":
             return train_online_site_parallel(source, specs, recipe, out_dir, env=env, **kw)
         return DataParallelTrainer(source, specs, recipe, out_dir, env=env, split_batches=False, **kw).fit()
@@ -431,7 +333,6 @@ def fit_distributed(mode: str, source: BatchSource, specs: list[SAESpec], recipe
 
 
 __all__ = [
-    "DataParallelTrainer", "LocalShare", "NullLog", "OwnerExchange", "RankSlice", "agree_on_start_step",
-    "check_layout", "check_not_split", "corpus_share", "fit_distributed", "merge_rank_runs", "rank_dir", "train_online_site_parallel",
-    "train_site_parallel",
+    "DataParallelTrainer", "LocalShare", "NullLog", "RankSlice", "agree_on_start_step", "check_layout",
+    "check_not_split", "finish_split_run", "fit_distributed", "merge_rank_runs", "rank_dir", "train_site_parallel",
 ]
