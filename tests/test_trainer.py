@@ -32,6 +32,10 @@ class TinySAE(SAE):
     def encode(self, x_BD):
         return torch.relu(self.pre_activations(x_BD))
 
+    @torch.no_grad()
+    def clamp_threshold_(self, minimum):
+        self.threshold.clamp_(min=minimum)
+
     def loss(self, x_BD, sparsity_coefficient):
         f_BF = self.encode(x_BD)
         x_hat_BD = self.decode(f_BF)
@@ -326,3 +330,104 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
     assert "no activation store" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--store", str(tmp_path), "--widths", "4k,lots"])
+
+
+# --- the real architectures and the release format ------------------------------------------------
+
+REAL_SPECS = [
+    SAESpec(RESID, "jumprelu", 64, sparsity_coefficient=1e-3),
+    SAESpec(RESID, "jumprelu", 64, sparsity_coefficient=1e-1),
+    SAESpec(RESID, "topk", 64, k=4),
+    SAESpec(MLP, "batchtopk", 48, k=3, seed=2),
+]
+
+
+def test_resume_is_bit_identical_for_every_architecture(tmp_path):
+    """Buffers count too: TopK's dead-latent counters and BatchTopK's running threshold."""
+    source = InMemorySource(make_data())
+    kw = {"specs": REAL_SPECS, "build_sae": None}
+    reference = trainer(source, tmp_path / "straight", **kw)
+    reference.fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(KillAt(source, 6), tmp_path / "killed", **kw).fit()
+    resumed = trainer(source, tmp_path / "killed", **kw)
+    resumed.fit()
+    for a, b in zip(reference.trainers, resumed.trainers):
+        assert a.sae.state_dict().keys() == b.sae.state_dict().keys()
+        for key, value in a.sae.state_dict().items():
+            assert torch.equal(value, b.sae.state_dict()[key]), f"{a.name}: {key} differs after resume"
+
+
+def test_release_folders_are_written_and_loadable(tmp_path):
+    from saescope.release import load_sae
+
+    data = make_data()
+    source = InMemorySource(data)
+    run = trainer(source, tmp_path, specs=REAL_SPECS, build_sae=None, release=True, model_name="tiny-model")
+    folders = run.fit()
+    assert len(folders) == len(REAL_SPECS)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    for spec, t, folder in zip(REAL_SPECS, run.trainers, folders):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        assert folder.parent == tmp_path / "release" / spec.site.kind / f"layer_{spec.site.layer}" / f"width_{spec.d_sae}"
+        assert folder.name.startswith(f"average_l0_{round(metrics['average_l0'])}")
+        assert config["model"] == "tiny-model" and config["site"] == spec.site.name
+        assert config["tokens_seen"] == 12 * RECIPE.batch_size and config["recipe"]["lr"] == RECIPE.lr
+        C = config["input_scale"]
+        assert C == pytest.approx(run.scales[spec.site])
+        # the released SAE acts on raw activations exactly as the trained one does on x / C
+        released = load_sae(folder)
+        x = data[spec.site][:32]
+        t.sae.eval()
+        with torch.no_grad():
+            if spec.architecture != "batchtopk":  # BatchTopK's batch-level selection differs at inference
+                assert torch.allclose(released.encode(x), C * t.sae.encode(x / C), atol=1e-5)
+            assert torch.allclose(released(x), C * t.sae(x / C), atol=1e-4)
+    assert [s["status"] for s in summary["saes"]] == ["released"] * len(REAL_SPECS)
+
+
+class SilentSAE(TinySAE):
+    """Never fires: every seed ends at L0 = 0."""
+
+    def encode(self, x_BD):
+        return torch.relu(self.pre_activations(x_BD)) * 0
+
+
+def test_same_rounded_l0_gets_distinct_folders(tmp_path):
+    specs = [SAESpec(RESID, "tiny", 32, sparsity_coefficient=1e-3, seed=s) for s in (0, 1)]
+    folders = trainer(InMemorySource(make_data()), tmp_path, specs=specs, build_sae=SilentSAE, release=True).fit()
+    assert [f.name for f in folders] == ["average_l0_0", "average_l0_0_2"]
+    assert all((f / "params.npz").exists() for f in folders)
+
+
+def test_cli_trains_from_a_store_and_resumes(tmp_path, capsys):
+    """`saescope train --store RUN/store` end to end on a tiny model: a λ sweep at two widths,
+    released in Gemma Scope's layout under RUN/release; the same command again resumes (no-op)."""
+    from conftest import build_tiny_corpus, build_tiny_model
+
+    from saescope.cli import main
+    from saescope.harvest import HarvestConfig, harvest
+    from saescope.release import load_sae
+
+    sites = [Site(1, "resid_post"), Site(1, "mlp_out")]
+    harvest(build_tiny_model("gemma3", n_layers=2), None, build_tiny_corpus(n_seqs=16, seq_len=16), sites,
+            tmp_path / "store", HarvestConfig(model_name="tiny-gemma3", progress=False, shard_tokens=64))
+    argv = ["train", "--store", str(tmp_path / "store"), "--sites", "resid_post", "--widths", "64,96",
+            "--l0-coefficients", "1e-3,1e-2", "--batch-size", "32", "--checkpoint-every", "2", "--no-progress",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    released = sorted((tmp_path / "release" / "resid_post" / "layer_1").glob("width_*/average_l0_*"))
+    assert len(released) == 4 and {p.parent.name for p in released} == {"width_64", "width_96"}
+    for folder in released:
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model"] == "tiny-gemma3" and config["site"] == "layer_1/resid_post"
+        assert load_sae(folder).cfg.d_sae == config["d_sae"]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["tokens"] == summary["n_steps"] * 32 and len(summary["saes"]) == 4
+    before = {p: (p / "params.npz").read_bytes() for p in released}
+    capsys.readouterr()
+    assert main(argv) == 0  # relaunch: the run is complete, the same SAEs are released again
+    assert {p: (p / "params.npz").read_bytes() for p in released} == before
+    assert main(argv[:-2] + ["--device", "cpu", "--lr", "1e-3"]) == 1
+    assert "recipe.lr" in capsys.readouterr().err

@@ -9,19 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from saescope.release import width_label
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
 K_ARCHITECTURES = frozenset({"topk", "batchtopk"})
-
-
-def width_label(d_sae: int) -> str:
-    """Gemma Scope's width names: 16384 → '16k', 2**20 → '1m'; other widths stay numbers."""
-    if d_sae % 2**20 == 0:
-        return f"{d_sae // 2**20}m"
-    if d_sae % 1024 == 0:
-        return f"{d_sae // 1024}k"
-    return str(d_sae)
 
 
 @dataclass(frozen=True)
