@@ -281,6 +281,41 @@ def test_nan_in_one_site_stops_only_its_saes(tmp_path):
     assert all(torch.isfinite(v).all() for named in tensors.values() for v in named.values())
 
 
+def test_non_finite_scale_estimate_stops_the_site_before_step_0(tmp_path):
+    source = PoisonAt(InMemorySource(make_data()), MLP, step=0)  # the estimate reads batch 0
+    run = trainer(source, tmp_path)
+    run.fit()
+    errors = {t.site: t.error for t in run.trainers}
+    assert errors[RESID] is None
+    assert "before step 0" in errors[MLP] and "input scale" in errors[MLP]
+    assert all(t.tokens_seen == 0 for t in run.trainers if t.site == MLP)
+
+
+def test_in_memory_source_is_deterministic_and_skips_exactly():
+    source = InMemorySource(make_data(n=100))
+    straight = [b for _, b in zip(range(9), source.iter_batches(32, seed=3))]  # 3 per epoch: crosses epochs
+    for k in (0, 2, 3, 7):
+        skipped = next(source.iter_batches(32, seed=3, skip_batches=k))
+        assert all(torch.equal(skipped[s], straight[k][s]) for s in source.sites)
+    other = next(source.iter_batches(32, seed=4))
+    assert not torch.equal(other[RESID], straight[0][RESID])
+    # one permutation serves every site: row i of each site is the same token
+    data = make_data(n=100)
+    row = straight[4][RESID][0]
+    index = int((data[RESID] == row).all(dim=1).nonzero())
+    assert torch.equal(straight[4][MLP][0], data[MLP][index])
+
+
+def test_optional_loggers_must_be_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match="tensorboard.*not installed"):
+        trainer(InMemorySource(make_data()), tmp_path, loggers=("tensorboard",)).fit()
+    with pytest.raises(ValueError, match="unknown logger"):
+        trainer(InMemorySource(make_data()), tmp_path / "b", loggers=("mlflow",)).fit()
+
+
 def test_relaunch_with_a_different_run_is_refused(tmp_path):
     source = InMemorySource(make_data())
     trainer(source, tmp_path / "run", n_steps=4).fit()

@@ -26,17 +26,17 @@ def _clean(value: Any) -> Any:
 
 class RunLog:
     def __init__(self, path: Path, *, resume_step: int = 0, loggers: tuple[str, ...] = (), run_name: str = "saescope"):
+        for logger in loggers:
+            if logger not in LOGGERS:
+                raise ValueError(f"unknown logger {logger!r}: use one of {', '.join(LOGGERS)}")
+            if importlib.util.find_spec(logger) is None:
+                raise RuntimeError(f"logger {logger!r} was asked for but is not installed (pip install {logger})")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         self._file = open(self.path, "a")
         self._tensorboard = None
         self._wandb = None
-        for logger in loggers:
-            if logger not in LOGGERS:
-                raise ValueError(f"unknown logger {logger!r}: use one of {', '.join(LOGGERS)}")
-            if importlib.util.find_spec(logger) is None:
-                raise RuntimeError(f"logger {logger!r} was asked for but is not installed (pip install {logger})")
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
