@@ -311,9 +311,10 @@ def test_optional_loggers_must_be_installed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(RuntimeError, match="tensorboard.*not installed"):
-        trainer(InMemorySource(make_data()), tmp_path, loggers=("tensorboard",)).fit()
+        trainer(InMemorySource(make_data()), tmp_path, loggers=("tensorboard",))  # refused before any work
     with pytest.raises(ValueError, match="unknown logger"):
-        trainer(InMemorySource(make_data()), tmp_path / "b", loggers=("mlflow",)).fit()
+        trainer(InMemorySource(make_data()), tmp_path, loggers=("mlflow",))
+    assert not tmp_path.joinpath("checkpoints").exists()
 
 
 def test_relaunch_with_a_different_run_is_refused(tmp_path):

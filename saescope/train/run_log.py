@@ -24,13 +24,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def check_loggers(loggers: tuple[str, ...]) -> None:
+    """Refuse unknown or uninstalled metric sinks before any work is done."""
+    for logger in loggers:
+        if logger not in LOGGERS:
+            raise ValueError(f"unknown logger {logger!r}: use one of {', '.join(LOGGERS)}")
+        if importlib.util.find_spec(logger) is None:
+            raise RuntimeError(f"logger {logger!r} was asked for but is not installed (pip install {logger})")
+
+
 class RunLog:
     def __init__(self, path: Path, *, resume_step: int = 0, loggers: tuple[str, ...] = (), run_name: str = "saescope"):
-        for logger in loggers:
-            if logger not in LOGGERS:
-                raise ValueError(f"unknown logger {logger!r}: use one of {', '.join(LOGGERS)}")
-            if importlib.util.find_spec(logger) is None:
-                raise RuntimeError(f"logger {logger!r} was asked for but is not installed (pip install {logger})")
+        check_loggers(loggers)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)

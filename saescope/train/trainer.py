@@ -37,7 +37,7 @@ from saescope.sae.base import SAE, SAEConfig
 from saescope.sites import Site
 from saescope.train.checkpoint import CheckpointDir, write_json_atomic
 from saescope.train.recipe import Recipe
-from saescope.train.run_log import RunLog
+from saescope.train.run_log import RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
 from saescope.train.spec import SAESpec, partition_specs, sweep  # noqa: F401 (re-exported)
 
@@ -151,6 +151,7 @@ class Trainer:
         self._build_sae = build_sae
         self.reduce_grads = reduce_grads
         self.loggers = tuple(loggers)
+        check_loggers(self.loggers)
         self.progress = progress
         self.keep_checkpoints = keep_checkpoints
         self.final_steps = final_steps
