@@ -74,7 +74,7 @@ class Recipe:
 
     # --- bookkeeping ---
     #: a latent is "dead" if it has not fired in this many tokens (or in the whole run so far,
-    #: when the run is shorter)
+    #: when the run is shorter, for the logged fraction); also TopK's AuxK dead threshold
     dead_window_tokens: int = 10_000_000
 
     def __post_init__(self) -> None:

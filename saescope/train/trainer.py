@@ -185,6 +185,7 @@ class Trainer:
             k=spec.k,
             bandwidth=self.recipe.bandwidth,
             threshold_init=self.recipe.threshold_init,
+            dead_tokens=self.recipe.dead_window_tokens,  # TopK's AuxK: one notion of "dead"
             metadata={"model": self.model_name, "site": spec.site.name},
         )
         # Initialise on the CPU from the spec's seed alone, so the same spec starts from the same
