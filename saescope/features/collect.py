@@ -37,13 +37,13 @@ class FeatureConfig:
 
     top_k: int = 16  # top activating contexts per latent
     n_octaves: int = 4  # activation octaves below the max that get a sample of contexts
-    samples_per_octave: int = 4
+    samples_per_octave: int = 3
     before: int = 10  # context window: tokens before and after the activating token
     after: int = 4
     hist_bins: int = 64  # power of two
     logit_tokens: int = 10  # promoted / suppressed tokens per latent
     fast_logits: bool = True  # bf16 shortlist + exact float32 re-score where bf16 is faster (logits.py)
-    latents_per_token: int = 16  # entries per token id in the token -> latents index
+    latents_per_token: int = 10  # entries per token id in the token -> latents index
     batch_tokens: int = 4096  # tokens per model forward (whole sequences, at least one)
     seed: int = 0
     progress: bool = True

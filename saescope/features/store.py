@@ -129,7 +129,6 @@ class FeatureWriter:
         self.db.executemany("INSERT OR REPLACE INTO vocab VALUES (?, ?)", zip(ids, decode(ids)))
 
     def close(self) -> Path:
-        self.db.execute("CREATE INDEX contexts_by_seq ON contexts (seq)")
         self.db.execute("CREATE INDEX vocab_by_text ON vocab (text)")
         self.db.commit()
         self.db.close()
