@@ -31,8 +31,8 @@ from saescope.sae.base import SAEConfig
 from saescope.sae.registry import build_sae
 from saescope.sites import Site
 from saescope.train.recipe import Recipe
-from saescope.train.sources import InMemorySource
 from saescope.train.sae_trainer import SAETrainer
+from saescope.train.sources import InMemorySource
 from saescope.train.spec import SAESpec
 from saescope.train.trainer import Trainer
 

@@ -24,7 +24,7 @@ def test_lr_cosine_warmup_then_constant():
     # cosine, not linear: a quarter of the way the rise is (1 − cos(π/4))/2 ≈ 14.6% of the gap
     assert r.lr_at(250) == pytest.approx(7e-5 * (0.1 + 0.9 * (1 - math.cos(math.pi / 4)) / 2))
     assert r.lr_at(250) < 7e-5 * (0.1 + 0.9 * 0.25)
-    values = [r.lr_at(s) for s in range(0, 1001)]
+    values = [r.lr_at(s) for s in range(1001)]
     assert all(a < b for a, b in zip(values, values[1:]))  # strictly rising during warm-up
     for step in (1000, 1001, 50_000, 4_000_000):
         assert r.lr_at(step, 4_000_000) == 7e-5  # constant after: no decay by default

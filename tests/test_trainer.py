@@ -236,7 +236,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    import saescope.train.checkpoint as checkpoint
+    from saescope.train import checkpoint
 
     source = InMemorySource(make_data())
     real_save, calls = checkpoint.save_file, []

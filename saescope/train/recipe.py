@@ -134,7 +134,7 @@ class Recipe:
     SHORT_RUN_SPARSITY_WARMUP: ClassVar[float] = 0.2
 
     @classmethod
-    def for_steps(cls, n_steps: int, **overrides: Any) -> "Recipe":
+    def for_steps(cls, n_steps: int, **overrides: Any) -> Recipe:
         """The paper's recipe with its warm-ups shortened to fit a run of ``n_steps``.
 
         Rule: lr warm-up = min(1,000, 5% of the run); λ warm-up = min(10,000, 20% of the run)
@@ -164,12 +164,12 @@ class Recipe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown recipe field(s): {', '.join(unknown)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         return replace(self, **changes)

@@ -19,7 +19,7 @@ turns them into floats (averages since the last pop).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,7 +7,7 @@ epochs (reshuffled each epoch), and can start at any batch without reading the o
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -6,8 +6,9 @@ groups them by site, so each site's batch is read once and fed to every SAE of t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from saescope.release import width_label
 from saescope.sites import Site
@@ -76,7 +77,7 @@ class SAESpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAESpec":
+    def from_dict(cls, d: dict[str, Any]) -> SAESpec:
         return cls(**d)
 
 

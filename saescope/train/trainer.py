@@ -23,11 +23,10 @@ rank its share of the sites (site parallelism), and ``reduce_grads`` (called ins
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -39,9 +38,9 @@ from saescope.train.checkpoint import CheckpointDir, write_json_atomic
 from saescope.train.recipe import Recipe
 from saescope.train.run_log import RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
-from saescope.train.spec import SAESpec, partition_specs, sweep  # noqa: F401 (re-exported)
+from saescope.train.spec import SAESpec, partition_specs, sweep
 
-__all__ = ["SAESpec", "SAETrainer", "NonFiniteError", "Trainer", "estimate_input_scales", "partition_specs", "sweep"]
+__all__ = ["NonFiniteError", "SAESpec", "SAETrainer", "Trainer", "estimate_input_scales", "partition_specs", "sweep"]
 
 
 @torch.no_grad()
