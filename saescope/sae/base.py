@@ -37,6 +37,11 @@ class SAEConfig:
     #: JumpReLU: bandwidth ε of the rectangle kernel, and the initial threshold θ₀
     bandwidth: float = 0.001
     threshold_init: float = 0.001
+    #: TopK / BatchTopK dead-latent (AuxK) loss: latents used (None: d_in // 2), weight, and how
+    #: many tokens without firing make a latent dead (Gao et al. 2024: k_aux 512, 1/32, 10M)
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 10_000_000
     #: free-form provenance (model, site, …); saved in config.json, never used in maths
     metadata: dict[str, Any] = field(default_factory=dict)
 

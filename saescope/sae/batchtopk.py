@@ -1,0 +1,80 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024).
+
+Training keeps the k·B largest ReLU pre-activations of the whole batch (k per token on
+average, more for tokens that need it), with TopK's AuxK loss for dead latents.  A batch-level
+selection cannot be used on one token at inference, so — as in the paper — a global threshold θ
+is estimated during training as the running mean of the smallest kept activation per batch, and
+inference is JumpReLU with that θ: f = ReLU(π)·1[π > θ].  θ is stored per latent (all equal) as
+``threshold``, so a released BatchTopK SAE is a JumpReLU-style ``params.npz``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saescope.sae.base import LossOutput, SAEConfig
+from saescope.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    array_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    #: the running mean becomes an exponential average over about this many batches
+    threshold_window = 1000
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64))
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Inference code: JumpReLU with the estimated threshold (per token, batch-independent)."""
+        pre_BF = self.pre_activations(x_BD)
+        return pre_BF.relu() * (pre_BF > self.threshold)
+
+    def encode_batch(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Training code: the k·B largest ReLU pre-activations of the batch."""
+        return self._batch_topk(self.pre_activations(x_BD))
+
+    def _batch_topk(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        acts_BF = pre_BF.relu()
+        n_keep = min(self.cfg.k * acts_BF.shape[0], acts_BF.numel())
+        values, flat_indices = acts_BF.flatten().topk(n_keep, sorted=False)
+        return torch.zeros_like(acts_BF).flatten().scatter_(0, flat_indices, values).view_as(acts_BF)
+
+    def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float = 0.0) -> LossOutput:
+        """‖x − x̂‖² + aux_coefficient·AuxK on the batch-top-k code; ``sparsity_coefficient`` is
+        ignored (k sets the sparsity).  In training mode also updates the inference threshold."""
+        pre_BF = self.pre_activations(x_BD)
+        f_BF = self._batch_topk(pre_BF)
+        x_hat_BD = self.decode(f_BF)
+        mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
+        active_BF = f_BF > 0
+        fired_F = active_BF.sum(dim=0)
+        aux = self.aux_loss(pre_BF, (x_BD - x_hat_BD).detach())
+        if self.training:
+            self.update_dead_(fired_F, x_BD.shape[0])
+            self.update_threshold_(f_BF)
+        weighted_aux = self.cfg.aux_coefficient * aux
+        return LossOutput(
+            total=mse + weighted_aux,
+            mse=mse.detach(),
+            sparsity=torch.zeros((), device=x_BD.device),
+            aux=weighted_aux.detach(),
+            l0=active_BF.sum(dim=-1).float().mean(),
+            fired_F=fired_F,
+            x_hat_BD=x_hat_BD.detach(),
+        )
+
+    @torch.no_grad()
+    def update_threshold_(self, f_BF: torch.Tensor) -> None:
+        """θ ← θ + (m − θ)/min(n, window), m = the smallest kept activation of this batch."""
+        kept = f_BF[f_BF > 0]
+        if kept.numel() == 0:
+            return
+        self.threshold_batches += 1
+        rate = 1.0 / self.threshold_batches.clamp(max=self.threshold_window).to(f_BF.dtype)
+        self.threshold.add_(rate * (kept.min() - self.threshold))
+
+    def _fold_extra(self, scale: float) -> None:
+        self.threshold.mul_(scale)

@@ -1,0 +1,270 @@
+"""The JumpReLU training step — encoder, JumpReLU + L0, decoder — as ONE autograd Function.
+
+Maths (Gemma Scope / Rajamanoharan et al. 2024; shapes B batch, D d_in, F d_sae)::
+
+    π = x·W_enc + (b_enc − b_dec·W_enc)       # = (x − b_dec)·W_enc + b_enc, training form
+    f = π · H(π − θ)                           # JumpReLU
+    x̂ = f·W_dec + b_dec
+    l0 = (1/B) Σ_b Σ_i H(π_bi − θ_i)
+
+Backward, rectangle kernel K(u) = 1[−½ < u < ½], bandwidth ε (pseudo-derivatives):
+
+* ∂f/∂π = H(π − θ);  ∂l0/∂π = 0 (no straight-through gradient reaches π from the L0 term);
+* ∂f/∂θ = −(θ/ε)·K((π − θ)/ε);  ∂H(π − θ)/∂θ = −(1/ε)·K((π − θ)/ε), summed over the batch.
+
+Why one Function instead of autograd over small ops: autograd would keep π, the mask, f, the
+kernel and several products as separate B×F tensors, and compute a sixth matrix product (the
+gradient of the centred input, which nobody needs).  Here:
+
+* the encoder bias absorbs the centring (``b_enc − b_dec·W_enc``), so no input gradient is formed
+  and the cost is the five products of the 10·D·F FLOPs-per-token bound;
+* the B×F scratch (π, overwritten in place by f, then by ∂L/∂f, then by ∂L/∂π) comes from a
+  pool reused across steps and SAEs (:mod:`saescope.sae.workspace`);
+* the active mask is kept as 0/1 floats in a second pooled buffer (on CPU a float compare and
+  a float column sum are ~2.5× faster than their bool versions), and the threshold window —
+  the only place the θ-gradient lives — is stored compactly as the indices of its few entries.
+
+Two paths compute the same gradients:
+
+``dense``  five dense matrix products (always right; best when many latents fire, e.g. at init);
+``sparse`` only the encoder product is dense.  At L0 ≈ 50–100 of 16,384 latents the decoder
+           forward, ∂L/∂W_dec and ∂L/∂W_enc touch only the active latents, and ∂L/∂f is needed
+           only where a latent is active or in θ's window (a sampled matrix product).
+``auto``   (default) chooses per step: sparse when fewer than :data:`SPARSE_DENSITY` of the
+           (token, latent) pairs lie above θ − ε/2.
+
+Under ``torch.autocast`` with a 16-bit dtype the dense products run in that dtype (the master
+weights, θ, the threshold comparisons and every gradient stay fp32); the sparse path runs its
+encoder product in 16 bits and its gather/scatter products in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as nnf
+
+from saescope.sae.workspace import POOL
+
+PATHS = ("auto", "dense", "sparse")
+#: ``auto`` takes the sparse path below this fraction of (token, latent) pairs with π > θ − ε/2
+SPARSE_DENSITY = 0.05
+
+
+def jumprelu_step(
+    x_BD: torch.Tensor,
+    W_enc_DF: torch.Tensor,
+    W_dec_FD: torch.Tensor,
+    b_enc_F: torch.Tensor,
+    b_dec_D: torch.Tensor,
+    threshold_F: torch.Tensor,
+    *,
+    bandwidth: float,
+    centre_input: bool = True,
+    path: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(x_hat_BD, l0, fired_F)``: the reconstruction, the L0 term (mean active latents
+    per token, differentiable w.r.t. θ only), and per-latent firing counts (int64, no grad)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown JumpReLU step path {path!r}; use one of {', '.join(PATHS)}")
+    if x_BD.ndim != 2 or x_BD.shape[1] != W_enc_DF.shape[0]:
+        raise ValueError(f"expected a batch of shape (B, {W_enc_DF.shape[0]}), got {tuple(x_BD.shape)}")
+    device_type = x_BD.device.type
+    low_dtype = None
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        low_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    with torch.autocast(device_type, enabled=False):
+        return _JumpReLUStep.apply(
+            x_BD.float(), W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F,
+            float(bandwidth), bool(centre_input), path, low_dtype,
+        )
+
+
+class _JumpReLUStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F, bandwidth, centre_input, path, low_dtype):
+        B, F = x_BD.shape[0], W_enc_DF.shape[1]
+        half = bandwidth / 2
+        lease = POOL.acquire((x_BD.device, B, F))
+        bias_F = b_enc_F - b_dec_D @ W_enc_DF if centre_input else b_enc_F
+        pre_BF = lease.get("pre", (B, F), torch.float32, x_BD.device)
+        low = {}
+        if low_dtype is None:
+            torch.addmm(bias_F, x_BD, W_enc_DF, out=pre_BF)
+        else:
+            low["x"], low["W_enc"] = x_BD.to(low_dtype), W_enc_DF.to(low_dtype)
+            low_BF = lease.get("low", (B, F), low_dtype, x_BD.device)
+            torch.mm(low["x"], low["W_enc"], out=low_BF)
+            torch.add(low_BF, bias_F, out=pre_BF)  # the bias (and all that follows) in fp32
+
+        window_BF = lease.get("window", (B, F), torch.bool, x_BD.device)
+        sparse = path == "sparse"
+        if path == "auto":
+            torch.gt(pre_BF, threshold_F - half, out=window_BF)
+            sparse = int(torch.count_nonzero(window_BF)) < SPARSE_DENSITY * B * F
+        ctx.sparse, ctx.bandwidth, ctx.centre_input, ctx.low_dtype = sparse, bandwidth, centre_input, low_dtype
+        ctx.device_type = x_BD.device.type
+        ctx.save_for_backward(x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F)
+        if sparse:
+            if path != "auto":
+                torch.gt(pre_BF, threshold_F - half, out=window_BF)
+            x_hat_BD, fired_F = _sparse_forward(ctx, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half)
+            lease.release()  # everything the backward needs is in compact index form now
+        else:
+            x_hat_BD, fired_F = _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
+            ctx.lease = lease
+        ctx.mark_non_differentiable(fired_F)
+        l0 = fired_F.sum().to(torch.float32) / B
+        return x_hat_BD, l0, fired_F
+
+    @staticmethod
+    def backward(ctx, grad_x_hat_BD, grad_l0, _grad_fired):
+        x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F = ctx.saved_tensors
+        B, F = x_BD.shape[0], W_enc_DF.shape[1]
+        if grad_x_hat_BD is None:
+            grad_x_hat_BD = torch.zeros_like(x_BD)
+        grad_l0 = 0.0 if grad_l0 is None else grad_l0
+        with torch.autocast(ctx.device_type, enabled=False):
+            if ctx.sparse:
+                grads = _sparse_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, F)
+            else:
+                grads = _dense_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, B, F)
+                ctx.lease.release()
+        grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F = grads
+
+        eps = ctx.bandwidth
+        grad_threshold_F = -(threshold_F / eps) * near_grad_f_F - (grad_l0 / (eps * B)) * near_count_F
+        grad_b_dec_D = grad_x_hat_BD.sum(0)
+        if ctx.centre_input:  # π's bias is b_enc − b_dec·W_enc
+            grad_b_dec_D = grad_b_dec_D - W_enc_DF @ grad_bias_F
+            if grad_W_enc_DF is not None:
+                grad_W_enc_DF.addr_(b_dec_D, grad_bias_F, alpha=-1.0)
+        return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, grad_b_dec_D, grad_threshold_F, None, None, None, None
+
+
+# --- dense path ---------------------------------------------------------------------------------
+
+
+def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low):
+    B, F = pre_BF.shape
+    active_BF = lease.get("active", (B, F), torch.float32, pre_BF.device)
+    # θ's window |π − θ| < ε/2, kept as indices (a few % of entries at most)
+    torch.sub(pre_BF, threshold_F, out=active_BF).abs_()
+    torch.lt(active_BF, half, out=window_BF)
+    ctx.near_rows, ctx.near_cols = window_BF.nonzero().unbind(1)
+    torch.gt(pre_BF, threshold_F, out=active_BF)  # 0/1 floats
+    fired_F = active_BF.sum(0).to(torch.int64)
+    f_BF = pre_BF.mul_(active_BF)
+    if ctx.low_dtype is None:
+        x_hat_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD)
+    else:
+        f_low_BF = lease.get("low", (B, F), ctx.low_dtype, pre_BF.device)
+        f_low_BF.copy_(f_BF)
+        low["W_dec"] = W_dec_FD.to(ctx.low_dtype)
+        x_hat_BD = torch.addmm(b_dec_D.to(ctx.low_dtype), f_low_BF, low["W_dec"]).float()
+    ctx.low = low
+    return x_hat_BD, fired_F
+
+
+def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
+    lease, low = ctx.lease, ctx.low
+    device = x_BD.device
+    buf_BF = lease.get("pre", (B, F), torch.float32, device)  # holds f
+    active_BF = lease.get("active", (B, F), torch.float32, device)
+    need_x, need_W_enc, need_W_dec = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_W_dec_FD = None
+    if ctx.low_dtype is None:
+        if need_W_dec:
+            grad_W_dec_FD = buf_BF.T @ g_BD
+        torch.mm(g_BD, W_dec_FD.T, out=buf_BF)  # ∂L/∂f
+    else:
+        low_BF = lease.get("low", (B, F), ctx.low_dtype, device)  # holds f in 16 bits
+        g_low_BD = g_BD.to(ctx.low_dtype)
+        if need_W_dec:
+            grad_W_dec_FD = (low_BF.T @ g_low_BD).float()
+        torch.mm(g_low_BD, low["W_dec"].T, out=low_BF)
+        buf_BF.copy_(low_BF)
+    near_grad_f_F = torch.zeros(F, device=device).index_add_(0, ctx.near_cols, buf_BF[ctx.near_rows, ctx.near_cols])
+    near_count_F = torch.bincount(ctx.near_cols, minlength=F).to(torch.float32)
+    grad_pre_BF = buf_BF.mul_(active_BF)
+    grad_bias_F = grad_pre_BF.sum(0)
+    grad_W_enc_DF = grad_x_BD = None
+    if ctx.low_dtype is None:
+        if need_W_enc:
+            grad_W_enc_DF = x_BD.T @ grad_pre_BF
+        if need_x:
+            grad_x_BD = grad_pre_BF @ W_enc_DF.T
+    else:
+        low_BF.copy_(grad_pre_BF)
+        if need_W_enc:
+            grad_W_enc_DF = (low["x"].T @ low_BF).float()
+        if need_x:
+            grad_x_BD = (low_BF @ low["W_enc"].T).float()
+    return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F
+
+
+# --- sparse path --------------------------------------------------------------------------------
+
+
+def _offsets(sorted_index: torch.Tensor, n: int) -> torch.Tensor:
+    """Start of each of ``n`` groups in a sorted index vector (embedding_bag's ``offsets``)."""
+    counts = torch.bincount(sorted_index, minlength=n)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _sparse_forward(ctx, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half):
+    B, F = pre_BF.shape
+    rows, cols = window_BF.nonzero().unbind(1)  # every π > θ − ε/2, row-major (CSR) order
+    pre_S = pre_BF[rows, cols]
+    threshold_S = threshold_F[cols]
+    active_S = pre_S > threshold_S
+    near_S = (pre_S - threshold_S).abs_() < half
+    a_rows, a_cols, a_vals = rows[active_S], cols[active_S], pre_S[active_S]
+    x_hat_BD = nnf.embedding_bag(a_cols, W_dec_FD, _offsets(a_rows, B), mode="sum", per_sample_weights=a_vals)
+    x_hat_BD += b_dec_D
+    ctx.rows, ctx.cols, ctx.active_S, ctx.near_S = rows, cols, active_S, near_S
+    ctx.a_rows, ctx.a_cols, ctx.a_vals = a_rows, a_cols, a_vals
+    return x_hat_BD, torch.bincount(a_cols, minlength=F)
+
+
+def _sampled_grad_f(g_BD, W_dec_FD, rows, cols, B, F):
+    """∂L/∂f at the listed (token, latent) pairs only: a sampled dense-dense product."""
+    crow = torch.zeros(B + 1, dtype=torch.int64, device=g_BD.device)
+    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(rows.numel(), device=g_BD.device), (B, F))
+        return torch.sparse.sampled_addmm(pattern, g_BD, W_dec_FD.T, beta=0.0).values()
+
+
+def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
+    B = x_BD.shape[0]
+    grad_f_S = _sampled_grad_f(g_BD, W_dec_FD, ctx.rows, ctx.cols, B, F)
+    near_cols = ctx.cols[ctx.near_S]
+    near_grad_f_F = torch.zeros(F, device=g_BD.device).index_add_(0, near_cols, grad_f_S[ctx.near_S])
+    near_count_F = torch.bincount(near_cols, minlength=F).to(torch.float32)
+
+    a_rows, a_cols = ctx.a_rows, ctx.a_cols
+    grad_pre_A = grad_f_S[ctx.active_S]  # ∂L/∂π at the active pairs (zero elsewhere)
+    grad_bias_F = torch.zeros(F, device=g_BD.device).index_add_(0, a_cols, grad_pre_A)
+    # ∂L/∂W_dec and ∂L/∂W_encᵀ are sums over each latent's active tokens: bags by latent
+    by_latent = torch.argsort(a_cols, stable=True)
+    tokens_by_latent = a_rows[by_latent]
+    latent_offsets = _offsets(a_cols[by_latent], F)
+    grad_W_dec_FD = grad_W_enc_DF = grad_x_BD = None
+    if ctx.needs_input_grad[2]:
+        grad_W_dec_FD = nnf.embedding_bag(
+            tokens_by_latent, g_BD, latent_offsets, mode="sum", per_sample_weights=ctx.a_vals[by_latent]
+        )
+    if ctx.needs_input_grad[1]:
+        grad_W_enc_FD = nnf.embedding_bag(
+            tokens_by_latent, x_BD, latent_offsets, mode="sum", per_sample_weights=grad_pre_A[by_latent]
+        )
+        grad_W_enc_DF = grad_W_enc_FD.T.contiguous()
+    if ctx.needs_input_grad[0]:
+        grad_x_BD = nnf.embedding_bag(
+            a_cols, W_enc_DF.T.contiguous(), _offsets(a_rows, B), mode="sum", per_sample_weights=grad_pre_A
+        )
+    return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F
