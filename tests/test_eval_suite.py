@@ -12,7 +12,7 @@ from conftest import TINY_ARCHS, TINY_VOCAB
 
 from saescope.evaluate.forward import clean_forward, forward_from, lm_logits
 from saescope.evaluate.splice import splice
-from saescope.evaluate.suite import EvalConfig, evaluate, position_bins, scored_positions
+from saescope.evaluate.suite import EvalConfig, evaluate, loss_sequences, position_bins, scored_positions
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sites import SITE_KINDS, Site, capture, site_width
 from saescope.tokens import TokenizedCorpus
@@ -163,22 +163,28 @@ def test_suite_matches_brute_force_and_is_batch_invariant(tiny_model, arch):
             assert three["saes"][name][key] == pytest.approx(one["saes"][name][key], rel=1e-6, abs=1e-7)
 
 
-def test_loss_fraction_scores_a_fixed_random_share_of_positions(gemma):
+def test_loss_tokens_restricts_loss_metrics_to_whole_sequences(gemma):
     corpus = fake_corpus(n_seqs=6, seq_len=32)
     site = Site(1, "attn_z")
     sae = random_sae(site_width(gemma, site))
-    full = evaluate(gemma, corpus, {"s": (site, sae)}, EvalConfig(progress=False))
-    half = evaluate(gemma, corpus, {"s": (site, sae)},
-                    EvalConfig(progress=False, loss_fraction=0.5, seed=3, zero_ablation=False))
-    scored = scored_positions(corpus, 0.5, seed=3)
-    assert half["info"]["n_loss_tokens"] == scored.sum() < 0.7 * full["info"]["n_loss_tokens"]
-    expected = _brute_force(gemma, corpus, site, sae, torch.from_numpy(scored))
-    m = half["saes"]["s"]
+    full = evaluate(gemma, corpus, {"s": (site, sae)}, EvalConfig(progress=False, batch_seqs=2))
+    part = evaluate(gemma, corpus, {"s": (site, sae)},
+                    EvalConfig(progress=False, loss_tokens=50, seed=3, zero_ablation=False, batch_seqs=2))
+    chosen = loss_sequences(corpus, 50, seed=3)
+    assert part["info"]["loss_sequences"] == chosen.sum() == 2  # ~27 scored tokens per sequence
+    assert part["info"]["n_loss_tokens"] == scored_positions(corpus)[chosen].sum() >= 50
+    sub = TokenizedCorpus(*(a[chosen] for a in (corpus.input_ids, corpus.doc_ids, corpus.subset_ids,
+                                                corpus.keep_mask)), corpus.subsets, "chosen")
+    expected = _brute_force(gemma, sub, site, sae)
+    m = part["saes"]["s"]
     assert m["delta_loss"] == pytest.approx(expected["delta_loss"], rel=1e-4, abs=1e-5)
-    assert m["fvu"] == pytest.approx(full["saes"]["s"]["fvu"], rel=1e-9)  # every kept token still counts
+    assert m["kl_div"] == pytest.approx(expected["kl_div"], rel=1e-4, abs=1e-6)
+    for key in ("fvu", "l0", "mse", "frac_dead"):  # every kept token still counts
+        assert m[key] == pytest.approx(full["saes"]["s"][key], rel=1e-9)
     assert math.isnan(m["ce_loss_score"]) and math.isnan(m["ce_zero_ablation"])  # no zero ablation ran
-    with pytest.raises(ValueError, match="loss_fraction"):
-        EvalConfig(loss_fraction=0)
+    assert loss_sequences(corpus, 10**6).all() and loss_sequences(corpus, None).all()
+    with pytest.raises(ValueError, match="loss_tokens"):
+        EvalConfig(loss_tokens=0)
 
 
 def test_subsets_positions_and_histogram_are_consistent(gemma):
@@ -230,7 +236,7 @@ def test_bad_input(gemma):
         evaluate(gemma, corpus, {"a": (site, identity_sae(site_width(gemma, site)))})
 
 
-WORDS = "the a cat dog sat ran on under mat tree big small red blue and then it was".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small", "red", "blue", "and", "then", "it", "was"]
 
 
 def _release_with_model(tmp_path, tiny_model):
@@ -310,5 +316,42 @@ def test_eval_command_end_to_end(tmp_path, tiny_model, capsys):
 
     assert main(["eval", "--release", str(tmp_path / "nowhere")]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["eval", "--release", str(release), "--loss-fraction", "2", "--corpus", str(corpus_path)]) == 1
-    assert "loss_fraction" in capsys.readouterr().err
+    assert main(["eval", "--release", str(release), "--model", str(tmp_path / "no-model")]) == 1
+    assert "no-model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_gemma_3_270m_prefix_cache_and_identity():
+    """On the real Gemma 3 270M (sliding and full attention layers, 262k vocabulary): the
+    prefix-cached spliced forward equals the full forward with the hook, and an identity SAE
+    evaluates to delta loss 0 / CE recovered 1."""
+    from saescope.models import load_model
+    from saescope.sae.jumprelu import JumpReLUSAE
+
+    model, tokenizer = load_model("gemma-3-270m")
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+            "It is named after the engineer Gustave Eiffel, whose company designed and built the tower. ")
+    ids = torch.stack([tokenizer(t, return_tensors="pt")["input_ids"][0, :48] for t in (text * 2, text[::-1])])
+    assert (ids[:, 0] == tokenizer.bos_token_id).all()
+    full = model(input_ids=ids[:1]).logits
+    hidden, prefix = clean_forward(model, ids[:1], [6])
+    for site in (Site(6, "attn_z"),):  # after the first full-attention layer (5)
+        torch.manual_seed(0)
+        sae = JumpReLUSAE(SAEConfig(d_in=site_width(model, site), d_sae=256, threshold_init=0.01))
+        sae.fold_input_scale(1.0)
+        with splice(model, {site: sae}):
+            reference = model(input_ids=ids[:1]).logits
+            cached = lm_logits(model, forward_from(model, ids[:1], site.layer, prefix[site.layer]))
+        assert (reference - full).abs().max() > 0.1
+        torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+
+    n, t = ids.shape
+    keep = np.broadcast_to(np.arange(t) > 0, (n, t)).copy()
+    doc = np.where(keep, np.arange(n)[:, None], -1)
+    corpus = TokenizedCorpus(ids.numpy(), doc, np.where(keep, 0, -1).astype(np.int16), keep, ["text"], "eiffel")
+    site = Site(9, "resid_post")
+    result = evaluate(model, corpus, {"identity": (site, identity_sae(site_width(model, site)))},
+                      EvalConfig(progress=False))["saes"]["identity"]
+    assert result["delta_loss"] == pytest.approx(0.0, abs=1e-4)
+    assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert result["ce_zero_ablation"] > result["ce_clean"] + 1.0  # deleting the residual stream hurts

@@ -44,8 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--kind", choices=SITE_KINDS, help="site kind, for folders whose config and path do not say it")
     p.add_argument("--batch-seqs", type=_int, default=None, help="sequences per forward (default: automatic)")
-    p.add_argument("--loss-fraction", type=float, default=1.0,
-                   help="share of positions whose next-token loss is computed (default 1: all)")
+    p.add_argument("--loss-tokens", type=_int, default=None,
+                   help="next-token-loss metrics (delta loss, KL) on sequences holding about this many "
+                        "tokens (default: all); reconstruction metrics always use every token")
     p.add_argument("--no-zero-ablation", action="store_true", help="skip zero ablation (no ce_loss_score)")
     p.add_argument("--splice-bos", action="store_true", help="also splice the BOS position (default: left clean)")
     p.add_argument("--seed", type=int, default=0, help="held-out split and loss-position sampling seed (default 0)")
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"release folder {args.release} does not exist")
     model_name = _model_name(args.release, args.model)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_fraction=args.loss_fraction, seed=args.seed,
+    cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed,
                      zero_ablation=not args.no_zero_ablation, splice_bos=args.splice_bos,
                      progress=not args.no_progress)
     model, tokenizer = load_model(model_name, device=device)
