@@ -124,7 +124,12 @@ def main() -> None:
     if bool(args.run) == args.synthetic:
         parser.error("give --run RUN or --synthetic")
 
-    from saescope.features.collect import FeatureConfig, collect_features, first_tokens, load_release_saes
+    from saescope.features.collect import (
+        FeatureConfig,
+        collect_features,
+        first_tokens,
+        load_release_saes,
+    )
     from saescope.features.store import FeatureStore
     from saescope.models import load_model
     from saescope.tokens import load_corpus

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sqlite3
 
 import torch
-
 from test_features_server import WORDS
 
 

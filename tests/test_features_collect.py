@@ -3,8 +3,6 @@ and a whole ``collect_features`` pass on a tiny model checked against every acti
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

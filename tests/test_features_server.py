@@ -11,12 +11,13 @@ import torch
 
 from saescope.sae.base import SAE, SAEConfig
 
-WORDS = (
-    "the of and to in is was a for on as with by at from his her that which it "
-    "Paris London Rome Berlin France England Italy Germany capital city river king queen war "
-    "born died built first largest population university church museum tower bridge "
-    "one two three hundred thousand year years century north south east west"
-).split()
+WORDS = [
+    "the", "of", "and", "to", "in", "is", "was", "a", "for", "on", "as", "with", "by", "at", "from", "his",
+    "her", "that", "which", "it", "Paris", "London", "Rome", "Berlin", "France", "England", "Italy", "Germany",
+    "capital", "city", "river", "king", "queen", "war", "born", "died", "built", "first", "largest", "population",
+    "university", "church", "museum", "tower", "bridge", "one", "two", "three", "hundred", "thousand",
+    "year", "years", "century", "north", "south", "east", "west",
+]
 
 
 class WordTokenizer:

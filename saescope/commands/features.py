@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from saescope import defaults
-    from saescope.features.collect import FeatureConfig, collect_features, load_release_saes
+    from saescope.features.collect import (
+        FeatureConfig,
+        collect_features,
+        load_release_saes,
+    )
     from saescope.models import load_model
     from saescope.sites import n_layers, select_sites
     from saescope.tokens import load_corpus

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from saescope.features.logits import LogitLens, fast_shortlist_dtype
-from saescope.features.stats import Events, LatentScale, OctaveSampler, RunningHistogram, RunningTopK, TokenIndex
+from saescope.features.stats import (
+    Events,
+    LatentScale,
+    OctaveSampler,
+    RunningHistogram,
+    RunningTopK,
+    TokenIndex,
+)
 from saescope.features.store import DB_NAME, FeatureWriter
 from saescope.sites import Site, capture
 
@@ -77,7 +84,7 @@ def _encode(sae, x_BTD: torch.Tensor) -> torch.Tensor:
 
 def _context_rows(sae_id, latent_C, kind_C, rank_C, act_C, token_C, window_CW, corpus, cfg):
     """Database rows for contexts: windows cut to the sequence and to the activating document."""
-    N, T = corpus.input_ids.shape
+    T = corpus.input_ids.shape[1]
     seq_C, pos_C = token_C // T, token_C % T
     pos_CW = pos_C[:, None] + np.arange(-cfg.before, cfg.after + 1)
     inside_CW = (pos_CW >= 0) & (pos_CW < T)
@@ -160,7 +167,7 @@ def _write_sae(writer, name, site, sae, col: SAECollector, lens: LogitLens, corp
     return logits_s
 
 
-def load_release_saes(root: Path | str, device: str = "cpu") -> tuple[dict[str, tuple[Site, "torch.nn.Module"]], set[str]]:
+def load_release_saes(root: Path | str, device: str = "cpu") -> tuple[dict[str, tuple[Site, torch.nn.Module]], set[str]]:
     """Every SAE under a release folder: ``({name: (site, sae)}, {model names in their configs})``.
 
     A release folder is any folder below ``root`` with a ``config.json`` and ``params.npz`` or
@@ -200,7 +207,7 @@ def collect_features(
     model,
     tokenizer,
     corpus,
-    saes: dict[str, tuple[Site, "torch.nn.Module"]],
+    saes: dict[str, tuple[Site, torch.nn.Module]],
     out_dir: Path | str,
     cfg: FeatureConfig | None = None,
 ) -> Path:

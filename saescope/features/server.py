@@ -21,8 +21,8 @@ The model for the live box is loaded once, on first use, by name from the databa
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from saescope.features.store import FeatureStore
 

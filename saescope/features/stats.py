@@ -44,7 +44,7 @@ class Events:
     token_N: torch.Tensor
 
     @classmethod
-    def from_acts(cls, acts_BTF: torch.Tensor, token_BT: torch.Tensor, keep_BT: torch.Tensor) -> "Events":
+    def from_acts(cls, acts_BTF: torch.Tensor, token_BT: torch.Tensor, keep_BT: torch.Tensor) -> Events:
         acts_BTF = acts_BTF * keep_BT.unsqueeze(-1).to(acts_BTF.dtype)
         acts_NF = acts_BTF.reshape(-1, acts_BTF.shape[-1])
         n_E, f_E = (acts_NF > 0).nonzero(as_tuple=True)

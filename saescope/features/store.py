@@ -45,8 +45,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,8 @@ class FeatureStore:
     def saes(self) -> list[dict]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM saes ORDER BY layer, kind, name").fetchall()
-        return [{**{k: r[k] for k in r.keys() if k != "info"}, **json.loads(r["info"])} for r in rows]
+        # sqlite3.Row iterates over values, so .keys() is needed here
+        return [{**{k: r[k] for k in r.keys() if k != "info"}, **json.loads(r["info"])} for r in rows]  # noqa: SIM118
 
     def sae(self, sae: int) -> dict:
         for row in self.saes():
@@ -176,7 +178,7 @@ class FeatureStore:
         raise KeyError(f"no SAE with id {sae}")
 
     def text(self, db: sqlite3.Connection, ids: Iterable[int]) -> dict[int, str]:
-        ids = sorted(set(int(i) for i in ids))
+        ids = sorted({int(i) for i in ids})
         found: dict[int, str] = {}
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
