@@ -2,11 +2,15 @@
 to an activation store (:mod:`saescope.store` describes the layout and its crash safety).
 
 The hot loop is one forward per batch of sequences (all sites captured in that forward, which
-stops after the deepest layer needed: no logits), one gather of the kept positions per site, and
-a hand-over to a background thread that appends the rows to the open shard files, hashes them,
-and commits each finished shard group to the manifest.  Disk writes and SHA-256 thus overlap
-the next forward.  Memory: one batch of activations plus at most ``max_pending`` batches queued
-for the writer; shard files grow on disk, not in memory, so shards may be large.
+stops after the deepest layer needed: no logits) and a hand-over of the captured tensors to a
+:class:`ShardWriter`, which writes the runs of kept positions (BOS, EOS and padding skipped)
+straight from them into the open shard files, hashes them, and commits each finished shard group
+to the manifest: no gather copy on the CPU.  (On an accelerator the kept rows are gathered on
+the device, so only they cross to the host.)  The writer runs in a background thread, so disk
+writes and SHA-256 overlap the next forward (``HarvestConfig.writer_thread=False`` writes inline;
+``benchmarks/harvest.py`` times both).  Memory: one batch of activations, plus at most
+``max_pending`` batches queued for the writer; shard files grow on disk, not in memory, so shards
+may be large.
 
 Resuming restarts at the batch holding the first row of the first unfinished shard group, with
 the same batch boundaries as before, so a resumed store is byte-identical to an uninterrupted
@@ -28,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from saescope.sites import Site, site_width
+from saescope.sites import Site, capture, site_width
 from saescope.store import DISK_DTYPES, ActivationStore, prepare_store, shard_file, write_manifest
-from saescope.stream import capture_kept, check_corpus, check_sites
+from saescope.stream import check_corpus, check_sites
 from saescope.tokens import TokenizedCorpus
 
 
@@ -46,6 +50,8 @@ class HarvestConfig:
     model_name: str | None = None
     #: show a tqdm progress bar (tokens/s)
     progress: bool = True
+    #: write shards in a background thread, overlapping the forwards (False: write inline)
+    writer_thread: bool = True
     #: batches the writer thread may lag behind the forward passes
     max_pending: int = 2
 
@@ -88,10 +94,24 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Appends rows of every site, in store order, to shard files in a background thread, and
-    commits each full shard group to the manifest (then calls ``on_shard(group_index)``)."""
+    """Appends rows of every site, in store order, to shard files, and commits each full shard
+    group to the manifest (then calls ``on_shard(group_index)``).
 
-    def __init__(self, root: Path, manifest: dict, *, on_shard: Callable[[int], None] | None = None, max_pending=2):
+    ``threaded``: write in a background thread, so that copies, SHA-256 and disk writes overlap
+    the next forward.  That clearly wins when the model runs on an accelerator and the host's
+    cores idle; when the forward keeps every CPU core busy, the gain is smaller (the writer then
+    competes with the forward's threads), and writing inline is the alternative.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict,
+        *,
+        on_shard: Callable[[int], None] | None = None,
+        threaded: bool = True,
+        max_pending: int = 2,
+    ):
         self.root = root
         self.manifest = manifest
         self.on_shard = on_shard
@@ -107,20 +127,27 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="saescope-shard-writer", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="saescope-shard-writer", daemon=True)
+            self._thread.start()
 
     # -- main thread -----------------------------------------------------------------------
-    def put(self, rows: dict[Site, np.ndarray]) -> None:
-        """Queue the next rows (same count for every site, in the disk dtype)."""
+    def put(self, arrays: dict[Site, np.ndarray], runs: list[tuple[int, int]]) -> None:
+        """Queue the next rows: ``arrays[site][a:b]`` for each ``(a, b)`` in ``runs``, in order
+        (arrays in the disk dtype; the writer holds them until written)."""
         if self._error is not None:
             raise self._error
-        self._queue.put(rows)
+        if self._thread is None:
+            self._write((arrays, runs))
+        else:
+            self._queue.put((arrays, runs))
 
     def close(self) -> None:
         """Wait for the writer, check every group was written, mark the store complete."""
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
         if self._error is not None:
             raise self._error
         if self.group != self.n_groups:
@@ -131,24 +158,29 @@ class ShardWriter:
     def abort(self) -> None:
         """Stop without finishing: queued rows are dropped, the open group's files removed."""
         self._stop = True
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        for f, tmp, _ in (self._open or {}).values():
+            f.file.close()
+            tmp.unlink(missing_ok=True)
+        self._open = None
 
     # -- writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while (rows := self._queue.get()) is not None:
+            while (item := self._queue.get()) is not None:
                 if not self._stop:
-                    self._append(rows)
+                    self._write(item)
         except BaseException as err:  # handed to the main thread by put()/close()
             self._error = err
             while self._queue.get() is not None:  # keep the producer from blocking
                 pass
-        finally:
-            for f, tmp, _ in (self._open or {}).values():
-                f.file.close()
-                tmp.unlink(missing_ok=True)
+
+    def _write(self, item: tuple[dict[Site, np.ndarray], list[tuple[int, int]]]) -> None:
+        arrays, runs = item
+        for a, b in runs:
+            self._append(arrays, a, b)
 
     def _group_rows(self, group: int) -> int:
         return min(self.shard_tokens, self.n_rows - group * self.shard_tokens)
@@ -166,17 +198,15 @@ class ShardWriter:
             self._open[site] = (f, tmp, final)
         self._filled = 0
 
-    def _append(self, rows: dict[Site, np.ndarray]) -> None:
-        n = next(iter(rows.values())).shape[0]
-        at = 0
-        while at < n:
+    def _append(self, arrays: dict[Site, np.ndarray], at: int, stop: int) -> None:
+        while at < stop:
             if self.group >= self.n_groups:
                 raise RuntimeError(f"harvest produced more than the {self.n_rows} rows planned")
             if self._open is None:
                 self._open_group()
-            take = min(n - at, self._group_rows(self.group) - self._filled)
+            take = min(stop - at, self._group_rows(self.group) - self._filled)
             for site, (f, _, _) in self._open.items():
-                f.write(np.ascontiguousarray(rows[site][at : at + take]))
+                f.write(np.ascontiguousarray(arrays[site][at : at + take]))
             at += take
             self._filled += take
             if self._filled == self._group_rows(self.group):
@@ -208,6 +238,46 @@ def row_metadata(corpus: TokenizedCorpus) -> dict[str, np.ndarray]:
         "doc_id": corpus.doc_ids[seq, pos].astype(np.int64),
         "subset_id": corpus.subset_ids[seq, pos].astype(np.int16),
     }
+
+
+def kept_runs(keep: np.ndarray) -> list[tuple[int, int]]:
+    """``[(a, b), ...]``: the runs of consecutive True values of a flat mask, as half-open ranges."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _drop_first(runs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The runs without their first ``n`` rows."""
+    out = []
+    for a, b in runs:
+        cut = min(n, b - a)
+        n -= cut
+        if a + cut < b:
+            out.append((a + cut, b))
+    return out
+
+
+@torch.no_grad()
+def _batch_rows(model, sites, input_ids_BT, keep_BT, dtype) -> tuple[dict[Site, np.ndarray], list[tuple[int, int]]]:
+    """One forward; every site's rows as disk-dtype arrays, and the runs of kept rows in them.
+
+    On a CPU the captured tensors go to the writer as they are, and it writes the kept runs
+    straight from them: no gather copy in the hot loop.  On an accelerator the kept rows are
+    gathered on the device first, so only they cross to the host.
+    """
+    device = next(model.parameters()).device
+    acts = capture(model, sites, torch.as_tensor(input_ids_BT, dtype=torch.long).to(device))
+    keep = keep_BT.reshape(-1)
+    if device.type == "cpu":
+        runs = kept_runs(keep)
+        rows = {s: x.flatten(0, 1).to(dtype) for s, x in acts.items()}
+    else:
+        kept = torch.as_tensor(np.flatnonzero(keep)).to(device)
+        runs = [(0, len(kept))]
+        rows = {s: x.flatten(0, 1).index_select(0, kept).to(device="cpu", dtype=dtype) for s, x in acts.items()}
+    if dtype == torch.bfloat16:
+        return {s: x.view(torch.uint16).numpy() for s, x in rows.items()}, runs
+    return {s: x.numpy() for s, x in rows.items()}, runs
 
 
 def harvest(
@@ -271,19 +341,16 @@ def harvest(
     bar = tqdm(
         total=header["n_tokens"], initial=done, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress
     )
-    writer = ShardWriter(out, manifest, on_shard=on_shard, max_pending=cfg.max_pending)
+    writer = ShardWriter(out, manifest, on_shard=on_shard, threaded=cfg.writer_thread, max_pending=cfg.max_pending)
     try:
         for start in range(first_batch, len(corpus), cfg.batch_seqs):
             stop = start + cfg.batch_seqs
-            rows = capture_kept(model, sites, input_ids[start:stop], keep[start:stop], torch_dtype)
             skip = max(0, done - int(rows_before[start]))  # rows of a finished group (resume only)
             n = int(rows_before[min(stop, len(corpus))] - rows_before[start]) - skip
             if n <= 0:
                 continue
-            if torch_dtype == torch.bfloat16:
-                writer.put({s: x[skip:].view(torch.uint16).numpy() for s, x in rows.items()})
-            else:
-                writer.put({s: x[skip:].numpy() for s, x in rows.items()})
+            arrays, runs = _batch_rows(model, sites, input_ids[start:stop], keep[start:stop], torch_dtype)
+            writer.put(arrays, _drop_first(runs, skip))
             bar.update(n)
         writer.close()
     except BaseException:

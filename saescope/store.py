@@ -229,14 +229,20 @@ class ActivationStore:
         self._verified.add(entry["file"])
         return path
 
-    def read(self, site: Site, index: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``[start, stop)`` of shard ``index`` of ``site`` as a float32 tensor (verified)."""
+    def read(
+        self, site: Site, index: int, start: int = 0, stop: int | None = None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``[start, stop)`` of shard ``index`` of ``site`` as float32 (checksum verified on the
+        shard's first read), copied into ``out`` when given (one copy from the file's pages)."""
         path = self._check(site, index)
-        array = np.load(path, mmap_mode="r")
-        rows = np.array(array[start:stop])  # a copy: the bucket must not pin the file's mapping
+        rows = np.load(path, mmap_mode="r")[start:stop]
+        if out is None:
+            out = torch.empty(rows.shape, dtype=torch.float32)
         if self.dtype == "bfloat16":
-            return torch.from_numpy(rows).view(torch.bfloat16).float()
-        return torch.from_numpy(rows)
+            out.copy_(torch.from_numpy(np.array(rows)).view(torch.bfloat16))
+        else:
+            out.numpy()[...] = rows
+        return out
 
     def tokens(self) -> dict[str, np.ndarray]:
         """Per-row metadata: ``token_id``, ``seq``, ``pos``, ``doc_id``, ``subset_id`` (``n_tokens`` each)."""
@@ -278,14 +284,17 @@ class StoreReader:
     def __init__(
         self,
         path: str | Path | ActivationStore,
-        sites: list[Site] | None = None,
+        sites: list[Site | str] | None = None,
         *,
         buffer_tokens: int | None = None,
         prefetch: bool = True,
     ):
         self.store = path if isinstance(path, ActivationStore) else ActivationStore(path)
         self.store.require_complete()
-        wanted = sorted(set(sites)) if sites is not None else list(self.store.sites)
+        if sites is None:
+            wanted = list(self.store.sites)
+        else:  # Site objects or names like "layer_3/mlp_out"
+            wanted = sorted({Site.parse(s) if isinstance(s, str) else s for s in sites})
         unknown = [s.name for s in wanted if s not in self.store.d_in]
         if unknown:
             raise ValueError(f"sites not in the activation store {self.store.path}: {', '.join(unknown)}")
@@ -318,7 +327,7 @@ class StoreReader:
             x = torch.empty(bucket.rows, self.d_in[site])
             at = 0
             for g, a, b in bucket.pieces:
-                x[at : at + b - a] = self.store.read(site, g, a, b)
+                self.store.read(site, g, a, b, out=x[at : at + b - a])
                 at += b - a
             out[site] = x
         return out

@@ -87,7 +87,7 @@ def test_reader_is_deterministic_and_resumes_with_skip_batches(store_path):
 
 
 def test_reader_buckets_are_bounded_and_mix_shards(store_path):
-    reader = StoreReader(store_path, sites=[Site(0, "resid_post")], buffer_tokens=48)
+    reader = StoreReader(store_path, sites=["layer_0/resid_post"], buffer_tokens=48)
     assert reader.sites == [Site(0, "resid_post")]
     buckets = reader._plan(seed=0, epoch=0)
     assert sum(b.rows for b in buckets) == reader.n_tokens
