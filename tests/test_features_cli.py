@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 import torch
 from test_features_server import WORDS
 
@@ -88,3 +89,34 @@ def test_first_tokens_cuts_whole_sequences():
     assert len(first_tokens(c, 7)) == 3  # 6 kept tokens in two sequences are not enough
     assert first_tokens(c, 6).n_tokens == 6
     assert first_tokens(c, None) is c and first_tokens(c, 100) is c
+
+
+@pytest.mark.slow
+def test_real_gemma_features_and_token_search(tmp_path):
+    """Gemma 3 270M, its SentencePiece tokenizer and wiki-vital: token texts keep their leading
+    space, so contexts read as text and ' the' is found by searching 'the'."""
+    from saescope.features.collect import FeatureConfig, collect_features
+    from saescope.features.store import FeatureStore
+    from saescope.models import load_model
+    from saescope.sae.base import SAEConfig
+    from saescope.sae.jumprelu import JumpReLUSAE
+    from saescope.sites import Site
+    from saescope.tokens import load_corpus
+
+    model, tokenizer = load_model("gemma-3-270m")
+    corpus = load_corpus("wiki-vital", tokenizer, seq_len=128, max_tokens=512, split="heldout")
+    site = Site(5, "resid_post")
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(SAEConfig(d_in=640, d_sae=64, threshold_init=1.0))
+    sae.fold_input_scale(1.0)
+    sae.requires_grad_(False)
+    collect_features(model, tokenizer, corpus, {"resid_post/layer_5/width_64/average_l0_0": (site, sae)},
+                     tmp_path, FeatureConfig(progress=False, model_name="gemma-3-270m"))
+    store = FeatureStore(tmp_path)
+    hits = store.search_token(1, "the")
+    tokens = {h["token"] for h in hits}
+    assert " the" in tokens and tokens <= {" the", "the", " The", "The", "THE", " THE"}
+    card = store.latent(1, hits[0]["latent"])
+    words = "".join(card["contexts"][0]["text"]).split(" ")
+    assert len(words) >= 5  # decoded tokens keep their spaces: the window reads as text
+    assert len(card["top_logits"]) == 10 and card["top_logits"][0][1] > card["bottom_logits"][0][1]
