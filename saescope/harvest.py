@@ -24,16 +24,22 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from saescope.sites import Site, capture, site_width
-from saescope.store import DISK_DTYPES, ActivationStore, prepare_store, shard_file, write_manifest
+from saescope.store import (
+    DISK_DTYPES,
+    ActivationStore,
+    prepare_store,
+    shard_file,
+    write_manifest,
+)
 from saescope.stream import check_corpus, check_sites
 from saescope.tokens import TokenizedCorpus
 
@@ -82,7 +88,7 @@ class _HashingFile:
     """A write-only file that also feeds what it writes to a SHA-256."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 -- closed when its shard group is committed or dropped
         self.sha = hashlib.sha256()
         self.bytes = 0
 
@@ -172,7 +178,7 @@ class ShardWriter:
             while (item := self._queue.get()) is not None:
                 if not self._stop:
                     self._write(item)
-        except BaseException as err:  # handed to the main thread by put()/close()
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread by put()/close()
             self._error = err
             while self._queue.get() is not None:  # keep the producer from blocking
                 pass

@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from saescope.shuffle import Bucket, default_buffer_tokens, group_pieces, rng, shuffled_batches
+from saescope.shuffle import (
+    Bucket,
+    default_buffer_tokens,
+    group_pieces,
+    rng,
+    shuffled_batches,
+)
 from saescope.sites import Site
 
 FORMAT = "saescope-activations/1"

@@ -8,19 +8,25 @@ forward, stopping after the deepest layer needed), the rows of the bucket are pe
 and batches are cut from them.  Same seed, same batches; ``skip_batches`` skips whole buckets
 without running the model on them.
 
-:func:`capture_kept` — one forward, every site, only the positions the corpus keeps (no BOS,
-EOS or padding) — is also the inner step of :func:`saescope.harvest.harvest`.
+:func:`capture_kept` does one forward for every site and keeps only the positions the corpus
+keeps (no BOS, EOS or padding).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from saescope.shuffle import Bucket, default_buffer_tokens, group_pieces, rng, shuffled_batches
+from saescope.shuffle import (
+    Bucket,
+    default_buffer_tokens,
+    group_pieces,
+    rng,
+    shuffled_batches,
+)
 from saescope.sites import Site, capture, n_layers, site_width
 from saescope.tokens import TokenizedCorpus
 

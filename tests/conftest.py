@@ -30,30 +30,30 @@ def _tiny_config(arch: str, n_layers: int, **overrides):
 
     # Sliding windows (8) shorter than the test sequences, GQA (4 query heads, 2 kv heads) and, for
     # Gemma, a head_dim that makes attn_z (4 * 16 = 64) wider than d_model (48).
-    gemma_common = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=8,
-        query_pre_attn_scalar=24,
-        initializer_range=0.1,
-        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)],
-    )
-    llama_common = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-    )
+    gemma_common = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 256,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 24,
+        "initializer_range": 0.1,
+        "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)],
+    }
+    llama_common = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "initializer_range": 0.1,
+    }
     if arch == "gemma3":
         cfg = dict(
             gemma_common,
@@ -73,29 +73,29 @@ def _tiny_config(arch: str, n_layers: int, **overrides):
     elif arch == "mistral":
         cfg, cls = dict(llama_common, sliding_window=8), tf.MistralConfig
     elif arch == "gpt2":
-        cfg = dict(
-            vocab_size=TINY_VOCAB,
-            n_embd=48,
-            n_layer=n_layers,
-            n_head=4,
-            n_positions=256,
-            initializer_range=0.1,
-            bos_token_id=TINY_VOCAB - 1,
-            eos_token_id=TINY_VOCAB - 1,
-        )
+        cfg = {
+            "vocab_size": TINY_VOCAB,
+            "n_embd": 48,
+            "n_layer": n_layers,
+            "n_head": 4,
+            "n_positions": 256,
+            "initializer_range": 0.1,
+            "bos_token_id": TINY_VOCAB - 1,
+            "eos_token_id": TINY_VOCAB - 1,
+        }
         cls = tf.GPT2Config
     elif arch in ("gpt_neox", "gpt_neox_sequential"):
-        cfg = dict(
-            vocab_size=TINY_VOCAB,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            initializer_range=0.1,
-            use_parallel_residual=arch == "gpt_neox",
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
-        )
+        cfg = {
+            "vocab_size": TINY_VOCAB,
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "initializer_range": 0.1,
+            "use_parallel_residual": arch == "gpt_neox",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+        }
         cls = tf.GPTNeoXConfig
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
