@@ -31,7 +31,7 @@ Two paths compute the same gradients:
            forward, ∂L/∂W_dec and ∂L/∂W_enc touch only the active latents, and ∂L/∂f is needed
            only where a latent is active or in θ's window (a sampled matrix product).
 ``auto``   (default) chooses per step: sparse when fewer than :data:`SPARSE_DENSITY` of the
-           (token, latent) pairs lie above θ − ε/2.
+           (token, latent) pairs lie above θ − ε/2 (and the step is not tiny).
 
 Under ``torch.autocast`` with a 16-bit dtype the dense products run in that dtype (the master
 weights, θ, the threshold comparisons and every gradient stay fp32); the sparse path runs its
@@ -48,8 +48,10 @@ import torch.nn.functional as nnf
 from saescope.sae.workspace import POOL
 
 PATHS = ("auto", "dense", "sparse")
-#: ``auto`` takes the sparse path below this fraction of (token, latent) pairs with π > θ − ε/2
+#: ``auto`` takes the sparse path below this fraction of (token, latent) pairs with π > θ − ε/2 …
 SPARSE_DENSITY = 0.05
+#: … and only for steps of at least this many (token, latent) pairs (below, per-op overhead wins)
+SPARSE_MIN_SIZE = 2**20
 
 
 def jumprelu_step(
@@ -100,8 +102,8 @@ class _JumpReLUStep(torch.autograd.Function):
             torch.add(low_BF, bias_F, out=pre_BF)  # the bias (and all that follows) in fp32
 
         window_BF = lease.get("window", (B, F), torch.bool, x_BD.device)
-        sparse = path == "sparse"
-        if path == "auto":
+        sparse = path == "sparse"  # "auto" on a tiny step stays dense
+        if path == "auto" and B * F >= SPARSE_MIN_SIZE:
             torch.gt(pre_BF, threshold_F - half, out=window_BF)
             sparse = int(torch.count_nonzero(window_BF)) < SPARSE_DENSITY * B * F
         ctx.sparse, ctx.bandwidth, ctx.centre_input, ctx.low_dtype = sparse, bandwidth, centre_input, low_dtype
