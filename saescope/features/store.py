@@ -42,10 +42,11 @@ The file is written under a temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +161,15 @@ class FeatureStore:
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has feature format {self.meta.get('format_version')}, expected {FORMAT_VERSION}")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection, closed on exit (sqlite3's own ``with`` only commits)."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
-        return db
+        try:
+            yield db
+        finally:
+            db.close()
 
     def saes(self) -> list[dict]:
         with self._connect() as db:
