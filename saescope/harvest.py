@@ -61,6 +61,13 @@ class HarvestConfig:
     #: batches the writer thread may lag behind the forward passes
     max_pending: int = 2
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DISK_DTYPES:
+            raise ValueError(f"unknown store dtype {self.dtype!r}; use one of {', '.join(DISK_DTYPES)}")
+        for name in ("batch_seqs", "shard_tokens", "max_pending"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def _fingerprint(*chunks: bytes) -> str:
     h = hashlib.sha256()
@@ -159,7 +166,7 @@ class ShardWriter:
         if self.group != self.n_groups:
             raise RuntimeError(f"harvest wrote {self.group} of {self.n_groups} shard groups")
         self.manifest["complete"] = True
-        write_manifest(self.root, self.manifest)
+        self._save_manifest()
 
     def abort(self) -> None:
         """Stop without finishing: queued rows are dropped, the open group's files removed."""
@@ -187,6 +194,10 @@ class ShardWriter:
         arrays, runs = item
         for a, b in runs:
             self._append(arrays, a, b)
+
+    def _save_manifest(self) -> None:
+        """Record progress (a subclass may record it elsewhere, e.g. one file per process)."""
+        write_manifest(self.root, self.manifest)
 
     def _group_rows(self, group: int) -> int:
         return min(self.shard_tokens, self.n_rows - group * self.shard_tokens)
@@ -228,7 +239,7 @@ class ShardWriter:
         rows = self._group_rows(self.group)
         entry = {"index": self.group, "row_start": self.group * self.shard_tokens, "rows": rows, "files": files}
         self.manifest["shards"].append(entry)
-        write_manifest(self.root, self.manifest)
+        self._save_manifest()
         self.group += 1
         if self.on_shard is not None:
             self.on_shard(entry["index"])
@@ -244,6 +255,33 @@ def row_metadata(corpus: TokenizedCorpus) -> dict[str, np.ndarray]:
         "doc_id": corpus.doc_ids[seq, pos].astype(np.int64),
         "subset_id": corpus.subset_ids[seq, pos].astype(np.int16),
     }
+
+
+def store_header(model: nn.Module, tokenizer, corpus: TokenizedCorpus, sites: list[Site], cfg: HarvestConfig) -> dict:
+    """What a store's manifest says about how it was made: ``config`` (all of which must match to
+    resume), site widths, token counts, subsets and tokenizer."""
+    model_name = cfg.model_name or getattr(model, "name_or_path", "") or model.config.model_type
+    keep = np.ascontiguousarray(corpus.keep_mask, dtype=bool)
+    input_ids = np.ascontiguousarray(corpus.input_ids, dtype=np.int64)
+    header = {
+        "config": {
+            "model": str(model_name),
+            **model_fingerprints(model),
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "corpus": corpus.name,
+            "corpus_sha256": _fingerprint(str(input_ids.shape).encode(), input_ids.tobytes(), keep.tobytes()),
+            "seq_len": int(input_ids.shape[1]),
+            "sites": [s.name for s in sites],
+            "dtype": cfg.dtype,
+            "shard_tokens": int(cfg.shard_tokens),
+        },
+        "widths": {s.name: site_width(model, s) for s in sites},
+        "n_tokens": int(keep.sum()),
+        "n_sequences": int(input_ids.shape[0]),
+        "subsets": list(corpus.subsets),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
+    }
+    return header
 
 
 def kept_runs(keep: np.ndarray) -> list[tuple[int, int]]:
@@ -303,35 +341,13 @@ def harvest(
     after each shard group is committed.  ``tokenizer`` is only recorded (the corpus is tokenized).
     """
     cfg = cfg or HarvestConfig()
-    if cfg.dtype not in DISK_DTYPES:
-        raise ValueError(f"unknown store dtype {cfg.dtype!r}; use one of {', '.join(DISK_DTYPES)}")
-    if cfg.batch_seqs < 1 or cfg.shard_tokens < 1:
-        raise ValueError("batch_seqs and shard_tokens must be >= 1")
     sites = check_sites(model, sites)
     check_corpus(model, corpus)
     out = Path(out)
 
-    model_name = cfg.model_name or getattr(model, "name_or_path", "") or model.config.model_type
+    header = store_header(model, tokenizer, corpus, sites, cfg)
     keep = np.ascontiguousarray(corpus.keep_mask, dtype=bool)
     input_ids = np.ascontiguousarray(corpus.input_ids, dtype=np.int64)
-    header = {
-        "config": {
-            "model": str(model_name),
-            **model_fingerprints(model),
-            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "corpus": corpus.name,
-            "corpus_sha256": _fingerprint(str(input_ids.shape).encode(), input_ids.tobytes(), keep.tobytes()),
-            "seq_len": int(input_ids.shape[1]),
-            "sites": [s.name for s in sites],
-            "dtype": cfg.dtype,
-            "shard_tokens": int(cfg.shard_tokens),
-        },
-        "widths": {s.name: site_width(model, s) for s in sites},
-        "n_tokens": int(keep.sum()),
-        "n_sequences": int(input_ids.shape[0]),
-        "subsets": list(corpus.subsets),
-        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
-    }
     manifest = prepare_store(out, header, row_metadata(corpus))
     if manifest["complete"]:
         return ActivationStore(out)
