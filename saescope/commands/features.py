@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--corpus", default=None, help="corpus name or path (default: wiki-vital)")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout",
                    help="corpus split (default heldout: text the SAEs were not trained on)")
-    p.add_argument("--tokens", type=_int, default=262_144, help="tokens to read (default 262144)")
+    p.add_argument("--tokens", type=_int, default=65_536, help="tokens to read (default 65536; raise it on a GPU)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--sites", default=None, help="only SAEs at these sites, e.g. resid_post or resid_post@3-5")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/features beside the release)")
