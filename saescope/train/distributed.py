@@ -95,14 +95,20 @@ def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.dev
 
 
 def init_distributed(device: str | torch.device = "auto", *, backend: str | None = None,
-                     timeout_s: float = 1800.0) -> DistEnv:
+                     timeout_s: float = 1800.0, required: bool = False) -> DistEnv:
     """Join the process group torchrun set up (or stay a single process) and return where we stand.
 
     Outside torchrun this returns rank 0 of 1 and creates no process group, so the same code runs
     with and without a launcher.  Backend: NCCL for CUDA devices, gloo for CPU.  ``timeout_s``
-    bounds how long a collective waits for a peer that neither answers nor dies.
+    bounds how long a collective waits for a peer that neither answers nor dies.  ``required``:
+    refuse to run as a single process (a command given ``--distributed`` outside torchrun).
     """
     global _ENV, _PATIENT_GROUP
+    if required and not launched_by_torchrun() and not dist.is_initialized():
+        raise RuntimeError(
+            "--distributed needs torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+            "MASTER_PORT): launch with e.g. torchrun --nproc-per-node 2 -m saescope ..."
+        )
     if not launched_by_torchrun() and not dist.is_initialized():
         _ENV = DistEnv(device=resolve_device(device))
         return _ENV

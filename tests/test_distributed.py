@@ -1,0 +1,299 @@
+"""torchrun scaling, tested with 2 CPU processes (gloo) launched from pytest.
+
+One launch (``all``) runs every distributed scenario of tests/distributed_worker.py; the tests
+recompute each result in this single process and compare:
+
+* distributed harvest == single-process harvest, byte for byte;
+* site-parallel training == single-process training of the same SAEs, bit for bit;
+* data-parallel, 2 ranks × 16 rows == 1 process × 32 rows, within float rounding;
+* latent-sharded SAE == unsharded (init, forward, loss, gradients, trained weights), and
+  latent-parallel training releases what one device would;
+* online site-parallel == one process fed the same rows, bit for bit.
+
+Three more launches kill a rank mid-run (harvest, then data-parallel training) and relaunch: the
+job fails naming the rank, and the relaunch finishes with the uninterrupted run's results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_worker as w
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import build_tiny_corpus, build_tiny_model
+
+from saescope.harvest import HarvestConfig, harvest
+from saescope.sites import Site
+from saescope.train.checkpoint import CheckpointDir
+from saescope.train.distributed import (
+    DistEnv,
+    assign_specs,
+    init_distributed,
+    maybe_inject_failure,
+    site_owners,
+)
+from saescope.train.spec import SAESpec, sweep
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: float = 150) -> subprocess.CompletedProcess:
+    """Two CPU workers of tests/distributed_worker.py on the loopback interface."""
+    with socket.socket() as s:  # a free port (released just before torchrun binds it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), str(Path(__file__).with_name("distributed_worker.py")),
+           *args]
+    full_env = {k: v for k, v in os.environ.items() if k != w.FAILURE_VAR_NAME}
+    full_env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                    **(env or {}))
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture
+def one_thread():
+    """Same thread count as the workers: the same float results from the same operations."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The reference store (one process), then the ``all`` launch; returns its folder."""
+    out = tmp_path_factory.mktemp("distributed")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        harvest(build_tiny_model(**w.MODEL), None, build_tiny_corpus(**w.CORPUS), w.SITES, out / "store",
+                HarvestConfig(**w.HARVEST))
+    finally:
+        torch.set_num_threads(before)
+    proc = torchrun("all", str(out))
+    assert proc.returncode == 0, output(proc)
+    return out
+
+
+def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    ckpt = CheckpointDir(run / "checkpoints")
+    return ckpt.load(ckpt.latest()[1])[1]
+
+
+def store_contents(root: Path) -> tuple[dict[str, bytes], list[dict], bool]:
+    manifest = json.loads((root / "manifest.json").read_text())
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    return files, sorted(manifest["shards"], key=lambda g: g["index"]), manifest["complete"]
+
+
+# --- distributed (2 processes) ------------------------------------------------------------------
+
+
+def test_distributed_harvest_equals_single_process(launched):
+    files, shards, complete = store_contents(launched / "store_dist")
+    ref_files, ref_shards, ref_complete = store_contents(launched / "store")
+    assert complete and ref_complete
+    assert shards == ref_shards  # same groups, rows, files and SHA-256
+    assert files.keys() == ref_files.keys() and all(files[k] == ref_files[k] for k in files)
+
+
+def test_site_parallel_training_is_bit_identical(launched, one_thread, tmp_path):
+    from saescope.store import StoreReader
+    from saescope.train.trainer import Trainer
+
+    Trainer(StoreReader(launched / "store", prefetch=False), w.SITE_SPECS, w.RECIPE, tmp_path, **w.TRAIN_KW).fit()
+    want = final_state(tmp_path)
+    got = {**final_state(launched / "site/ranks/rank_0"), **final_state(launched / "site/ranks/rank_1")}
+    assert sorted(got) == sorted(want) == sorted(s.name for s in w.SITE_SPECS)
+    for name in want:  # parameters, Adam moments, counters
+        assert want[name].keys() == got[name].keys()
+        for key in want[name]:
+            assert torch.equal(want[name][key], got[name][key]), (name, key)
+    # each rank read only its own sites; rank 0 gathered the release folders and one summary
+    layout = json.loads((launched / "site/parallel.json").read_text())
+    site_of = {s.name: s.site for s in w.SITE_SPECS}
+    sites_of = [{site_of[name] for name in names} for names in layout["ranks"]]
+    assert sites_of[0] and sites_of[1] and not sites_of[0] & sites_of[1]
+    summary = json.loads((launched / "site/train_summary.json").read_text())
+    ref_summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert {s["sae"]: s["metrics"] for s in summary["saes"]} == {s["sae"]: s["metrics"] for s in ref_summary["saes"]}
+    for entry in summary["saes"]:
+        folder = Path(entry["folder"])
+        assert folder.parent.parent.parent.parent == launched / "site/release"
+        ref = np.load(tmp_path / Path(entry["folder"]).relative_to(launched / "site") / "params.npz")
+        got_arrays = np.load(folder / "params.npz")
+        assert all(np.array_equal(ref[k], got_arrays[k]) for k in ref.files)
+    assert not (launched / "site/ranks/rank_0/release").exists()
+
+
+def test_data_parallel_equals_one_process_with_the_global_batch(launched, one_thread, tmp_path):
+    from saescope.train.trainer import Trainer
+
+    Trainer(w.dp_source(), w.DP_SPECS, w.dp_recipe(), tmp_path, **dict(w.TRAIN_KW, n_steps=w.DP_STEPS, release=False)).fit()
+    want, got = final_state(tmp_path), final_state(launched / "dp")
+    init = w.initial_weights(w.DP_SPECS[0])
+    for name in want:
+        for key in (k for k in want[name] if k.startswith("sae.")):
+            torch.testing.assert_close(got[name][key], want[name][key], rtol=1e-5, atol=1e-6)
+        moved = (want[name]["sae.W_dec"] - init["W_dec"]).abs().max()
+        assert moved > 1e-3  # the comparison is about trained weights, not the initialisation
+    # released metrics and token counts cover both ranks (rank 0 wrote the only summary)
+    state = json.loads((launched / "dp/checkpoints" / CheckpointDir(launched / "dp/checkpoints").latest()[1].name
+                        / "state.json").read_text())
+    assert state["step"] == w.DP_STEPS
+    summary = json.loads((launched / "dp/train_summary.json").read_text())
+    ref = json.loads((tmp_path / "train_summary.json").read_text())
+    for a, b in zip(summary["saes"], ref["saes"]):
+        assert a["metrics"]["average_l0"] == pytest.approx(b["metrics"]["average_l0"], rel=1e-5)
+
+
+def test_latent_sharded_sae_equals_unsharded(launched):
+    from safetensors.torch import load_file
+
+    from saescope.sae.jumprelu import JumpReLUSAE
+    from saescope.train.recipe import Recipe
+    from saescope.train.sae_trainer import SAETrainer
+
+    cfg, full, x = w.shard_problem()
+    torch.manual_seed(3)
+    fresh = JumpReLUSAE(cfg)
+    out = full.loss(x, 0.7)
+    out.total.backward()
+    ranks = [load_file(str(launched / f"sharded_rank{r}.safetensors")) for r in range(2)]
+    assert torch.equal(torch.cat([r["fresh_W_dec"] for r in ranks]), fresh.W_dec.detach())
+    assert torch.equal(torch.cat([r["fresh_W_enc"] for r in ranks], dim=1), fresh.W_enc.detach())
+    for r in ranks:
+        torch.testing.assert_close(r["forward"], full(x).detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["x_hat"], out.x_hat_BD, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["loss"][0], out.total.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r["l0"][0], out.l0)
+        torch.testing.assert_close(r["grad_b_dec"], full.b_dec.grad, rtol=1e-4, atol=1e-5)
+    assert full.threshold.grad.abs().sum() > 0  # θ's window holds entries: its gradient is tested
+    for name, dim in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("threshold", 0)):
+        grad = torch.cat([r[f"grad_{name}"] for r in ranks], dim=dim)
+        torch.testing.assert_close(grad, getattr(full, name).grad, rtol=1e-4, atol=1e-5)
+
+    _, sae, x = w.shard_problem()
+    trainer = SAETrainer(sae, Recipe.for_steps(w.SHARD_STEPS, lr=1e-2), sparsity_coefficient=0.7, n_steps=w.SHARD_STEPS)
+    for step in range(w.SHARD_STEPS):
+        trainer.update(step, x, return_metrics=False)
+    for name, value in sae.to_arrays().items():
+        torch.testing.assert_close(ranks[0][f"trained_{name}"], value, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_parallel_training_releases_the_unsharded_result(launched, one_thread, tmp_path):
+    from saescope.train.trainer import Trainer
+
+    Trainer(w.dp_source(), w.LATENT_SPECS, w.dp_recipe(), tmp_path, **dict(w.TRAIN_KW, n_steps=w.DP_STEPS)).fit()
+    want = json.loads((tmp_path / "train_summary.json").read_text())["saes"]
+    got = json.loads((launched / "latent/train_summary.json").read_text())["saes"]
+    assert [s["sae"] for s in got] == [s["sae"] for s in want]
+    for a, b in zip(got, want):
+        assert a["metrics"]["average_l0"] == b["metrics"]["average_l0"]
+        assert Path(a["folder"]).parent.parent.parent.parent == launched / "latent/release"
+        mine, ref = np.load(Path(a["folder"]) / "params.npz"), np.load(Path(b["folder"]) / "params.npz")
+        for key in ref.files:  # whole SAEs (gathered from the shards), equal to one device's
+            np.testing.assert_allclose(mine[key], ref[key], rtol=1e-5, atol=1e-6)
+    shards = [final_state(launched / f"latent/ranks/rank_{r}") for r in range(2)]
+    name = w.LATENT_SPECS[0].name
+    assert shards[0][name]["sae.W_dec"].shape == (32, 24) == shards[1][name]["sae.W_dec"].shape
+
+
+def test_online_site_parallel_feeds_each_rank_its_sites(launched, one_thread, tmp_path):
+    from saescope.train.trainer import Trainer
+
+    model, corpus = build_tiny_model(**w.MODEL), build_tiny_corpus(**w.CORPUS)
+    Trainer(w.ConcatSource([w.online_local_source(model, corpus, r, 2) for r in range(2)]), w.ONLINE_SPECS,
+            w.RECIPE, tmp_path, **dict(w.TRAIN_KW, release=False)).fit()
+    want = final_state(tmp_path)
+    parts = [final_state(launched / f"online/ranks/rank_{r}") for r in range(2)]
+    assert parts[0] and parts[1] and not parts[0].keys() & parts[1].keys()
+    got = {**parts[0], **parts[1]}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        for key in want[name]:
+            assert torch.equal(want[name][key], got[name][key]), (name, key)
+
+
+def test_killed_ranks_fail_clearly_and_relaunches_resume(launched, tmp_path):
+    """Harvest: rank 1 raises after its second shard group; the relaunch deals the unwritten groups
+    out again.  Training: rank 1 is SIGKILLed at batch 5; the relaunch resumes from step 4."""
+    proc = torchrun("resume", str(tmp_path), env={w.FAILURE_VAR_NAME: "rank=1,step=5,at=shard"})
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "rank 1 of 2: injected failure at shard 5" in log, output(proc)
+    assert "rank      : 1" in log  # torchrun's summary names the first rank to fail
+    parts = list((tmp_path / "store_dist/.harvest_parts").glob("*.json"))
+    assert parts and not json.loads((tmp_path / "store_dist/manifest.json").read_text())["complete"]
+
+    proc = torchrun("resume", str(tmp_path), env={w.FAILURE_VAR_NAME: "rank=1,step=5,mode=kill"})
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "SIGKILL" in log and "rank      : 1" in log, output(proc)
+    assert store_contents(tmp_path / "store_dist")[1:] == store_contents(launched / "store")[1:]
+    assert CheckpointDir(tmp_path / "dp/checkpoints").latest()[0] == 4
+
+    proc = torchrun("resume", str(tmp_path))
+    assert proc.returncode == 0, output(proc)
+    want, got = final_state(launched / "dp"), final_state(tmp_path / "dp")
+    for name in want:
+        for key in want[name]:
+            assert torch.equal(want[name][key], got[name][key]), (name, key)
+
+
+# --- single process ------------------------------------------------------------------------------
+
+
+def test_assign_specs_balances_flops_and_keeps_sites_whole():
+    sites = [Site(layer, "resid_post") for layer in range(6)]
+    d_in = {s: 64 for s in sites} | {Site(0, "attn_z"): 128}
+    specs = sweep(sites, [1024, 4096], sparsity_coefficients=[1e-3, 3e-3]) + [
+        SAESpec(Site(0, "attn_z"), d_sae=16384, sparsity_coefficient=1e-3)]
+    ranks = assign_specs(specs, 4, d_in=d_in)
+    assert sorted(s.name for r in ranks for s in r) == sorted(s.name for s in specs)
+    assert ranks == assign_specs(list(specs), 4, d_in=dict(d_in))  # deterministic
+    cost = [sum(d_in[s.site] * s.d_sae for s in r) for r in ranks]
+    assert max(cost) == 128 * 16384  # the widest SAE alone; the others share the remaining ranks
+    owners = [{s.site for s in r} for r in ranks]
+    assert all(not a & b for i, a in enumerate(owners) for b in owners[i + 1 :])  # sites stay whole
+
+    one_site = sweep([Site(3, "mlp_out")], [4096], sparsity_coefficients=[1e-3, 2e-3, 3e-3, 4e-3])
+    assert [len(r) for r in assign_specs(one_site, 2, d_in={Site(3, "mlp_out"): 64})] == [2, 2]  # split: 2x faster
+    assert [len(r) for r in assign_specs(one_site, 2, d_in={Site(3, "mlp_out"): 64}, split_sites="never")] == [4, 0]
+    assert site_owners(sites, 3, d_in=d_in) == {s: i % 3 for i, s in enumerate(sites)}
+    with pytest.raises(ValueError, match="no input width known for layer_0/attn_z"):
+        assign_specs(specs, 2, d_in={s: 64 for s in sites})
+
+
+def test_single_process_environment_and_clear_launch_errors(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    env = init_distributed("cpu")
+    assert (env.rank, env.world_size, env.distributed, env.is_main) == (0, 1, False, True)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="missing the environment variable.*LOCAL_RANK, MASTER_ADDR, MASTER_PORT"):
+        init_distributed("cpu")
+    monkeypatch.setenv(w.FAILURE_VAR_NAME, "rank=1;step=2")
+    with pytest.raises(ValueError, match="expected rank=R,step=K"):
+        maybe_inject_failure(2)
+    monkeypatch.setenv(w.FAILURE_VAR_NAME, "rank=1,step=2")
+    maybe_inject_failure(2, env=DistEnv(rank=0, world_size=2))  # another rank: nothing happens
+    with pytest.raises(RuntimeError, match="rank 1 of 2: injected failure at batch 2"):
+        maybe_inject_failure(2, env=DistEnv(rank=1, world_size=2))
