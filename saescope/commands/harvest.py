@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
                    help="tokens per shard file, the unit of resumption (default 32768)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="require a torchrun launch (detected anyway): each rank harvests its share of the shard "
+                        "groups on its own GPU into the same store (docs/distributed.md)")
     p.set_defaults(func=run)
 
 
@@ -70,8 +73,13 @@ def run(args) -> int:
     from saescope.sites import n_layers, select_sites
     from saescope.store import human_bytes
     from saescope.tokens import load_corpus, model_context_length
+    from saescope.train.distributed import init_distributed, launched_by_torchrun, shutdown
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    env = None
+    if args.distributed or launched_by_torchrun():  # torchrun: one process per GPU, one store
+        env = init_distributed(args.device, required=True)
+        device = env.device
     model, tokenizer = load_model(args.model, device=device)
     sites = select_sites(args.sites, n_layers(model))
     corpus = load_corpus(
@@ -91,7 +99,18 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     start = time.perf_counter()
-    store = harvest(model, tokenizer, corpus, sites, args.out / "store", cfg)
+    if env is None:
+        store = harvest(model, tokenizer, corpus, sites, args.out / "store", cfg)
+    else:
+        from saescope.harvest_dist import harvest_distributed
+
+        try:
+            store = harvest_distributed(model, tokenizer, corpus, sites, args.out / "store", cfg, env=env)
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            raise RuntimeError(err if str(err).startswith(str(env)) else f"{env}: {err}") from err
+        shutdown()
+        if not env.is_main:
+            return 0
     elapsed = time.perf_counter() - start
     size = sum(f["bytes"] for g in store.shards for f in g["files"].values())
     print(
