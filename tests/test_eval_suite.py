@@ -334,16 +334,16 @@ def test_real_gemma_3_270m_prefix_cache_and_identity():
     ids = torch.stack([tokenizer(t, return_tensors="pt")["input_ids"][0, :48] for t in (text * 2, text[::-1])])
     assert (ids[:, 0] == tokenizer.bos_token_id).all()
     full = model(input_ids=ids[:1]).logits
-    hidden, prefix = clean_forward(model, ids[:1], [6])
-    for site in (Site(6, "attn_z"),):  # after the first full-attention layer (5)
-        torch.manual_seed(0)
-        sae = JumpReLUSAE(SAEConfig(d_in=site_width(model, site), d_sae=256, threshold_init=0.01))
-        sae.fold_input_scale(1.0)
-        with splice(model, {site: sae}):
-            reference = model(input_ids=ids[:1]).logits
-            cached = lm_logits(model, forward_from(model, ids[:1], site.layer, prefix[site.layer]))
-        assert (reference - full).abs().max() > 0.1
-        torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    _, prefix = clean_forward(model, ids[:1], [6])
+    site = Site(6, "attn_z")  # after the first full-attention layer (5)
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(SAEConfig(d_in=site_width(model, site), d_sae=256, threshold_init=0.01))
+    sae.fold_input_scale(1.0)
+    with splice(model, {site: sae}):
+        reference = model(input_ids=ids[:1]).logits
+        cached = lm_logits(model, forward_from(model, ids[:1], site.layer, prefix[site.layer]))
+    assert (reference - full).abs().max() > 0.1
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
 
     n, t = ids.shape
     keep = np.broadcast_to(np.arange(t) > 0, (n, t)).copy()

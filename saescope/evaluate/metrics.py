@@ -164,9 +164,9 @@ class ReconstructionStats:
         self.l0 += _group_sum(l0_per_token(f_NF), group_N, G)
         self.cossim += _group_sum(cossim_per_token(x_ND, x_hat_ND), group_N, G)
         self.l2_ratio += _group_sum(l2_ratio_per_token(x_ND, x_hat_ND), group_N, G)
-        if self.fired_GF is not None:  # a loop over the few groups: no (N, F) int64 temporary
-            for g in torch.unique(group_N).tolist():
-                self.fired_GF[g] += (f_NF[group_N == g] != 0).sum(0)
+        if self.fired_GF is not None:  # one-hot(group)ᵀ @ active: one small matmul, exact in float32
+            one_hot_NG = F.one_hot(group_N, G).float()
+            self.fired_GF += (one_hot_NG.T @ (f_NF != 0).float()).round().long()
 
     def _metrics(self, n, m2, sq_err, l0, cossim, l2_ratio, fired_F) -> dict:
         if n == 0:
