@@ -155,7 +155,7 @@ def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F
     # θ's window |π − θ| < ε/2, kept as indices (a few % of entries at most)
     torch.sub(pre_BF, threshold_F, out=active_BF).abs_()
     torch.lt(active_BF, half, out=window_BF)
-    ctx.near_rows, ctx.near_cols = window_BF.nonzero().unbind(1)
+    ctx.near_rows, ctx.near_cols = window_BF.nonzero(as_tuple=True)
     torch.gt(pre_BF, threshold_F, out=active_BF)  # 0/1 floats
     fired_F = active_BF.sum(0).to(torch.int64)
     f_BF = pre_BF.mul_(active_BF)
@@ -218,15 +218,16 @@ def _offsets(sorted_index: torch.Tensor, n: int) -> torch.Tensor:
 
 def _sparse_forward(ctx, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half):
     B, F = pre_BF.shape
-    rows, cols = window_BF.nonzero().unbind(1)  # every π > θ − ε/2, row-major (CSR) order
+    rows, cols = window_BF.nonzero(as_tuple=True)  # every π > θ − ε/2, row-major (CSR) order
     pre_S = pre_BF[rows, cols]
     threshold_S = threshold_F[cols]
     active_S = pre_S > threshold_S
     near_S = (pre_S - threshold_S).abs_() < half
-    a_rows, a_cols, a_vals = rows[active_S], cols[active_S], pre_S[active_S]
+    (active_idx,) = active_S.nonzero(as_tuple=True)
+    a_rows, a_cols, a_vals = rows[active_idx], cols[active_idx], pre_S[active_idx]
     x_hat_BD = nnf.embedding_bag(a_cols, W_dec_FD, _offsets(a_rows, B), mode="sum", per_sample_weights=a_vals)
     x_hat_BD += b_dec_D
-    ctx.rows, ctx.cols, ctx.active_S, ctx.near_S = rows, cols, active_S, near_S
+    ctx.rows, ctx.cols, ctx.active_idx, ctx.near_S = rows, cols, active_idx, near_S
     ctx.a_rows, ctx.a_cols, ctx.a_vals = a_rows, a_cols, a_vals
     return x_hat_BD, torch.bincount(a_cols, minlength=F)
 
@@ -249,7 +250,7 @@ def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
     near_count_F = torch.bincount(near_cols, minlength=F).to(torch.float32)
 
     a_rows, a_cols = ctx.a_rows, ctx.a_cols
-    grad_pre_A = grad_f_S[ctx.active_S]  # ∂L/∂π at the active pairs (zero elsewhere)
+    grad_pre_A = grad_f_S[ctx.active_idx]  # ∂L/∂π at the active pairs (zero elsewhere)
     grad_bias_F = torch.zeros(F, device=g_BD.device).index_add_(0, a_cols, grad_pre_A)
     # ∂L/∂W_dec and ∂L/∂W_encᵀ are sums over each latent's active tokens: bags by latent
     by_latent = torch.argsort(a_cols, stable=True)
