@@ -97,7 +97,22 @@ def human_bytes(n: float) -> str:
 # Creating or resuming a store
 
 
-def _describe_mismatch(key: str, have: Any, want: Any) -> str:
+_WHAT_DIFFERS = {
+    "model_config_sha256": "the model's config differs",
+    "model_weights_sha256": "the model's weights differ",
+    "model_dtype": "the model's dtype differs",
+    "dtype": "the storage dtype differs",
+}
+
+
+def _describe_mismatch(key: str, have: Any, want: Any, stored: dict, header: dict) -> str:
+    if key == "corpus_sha256":
+        return (
+            f"the tokenized corpus differs (corpus_sha256 {have} vs {want}: the store holds {stored['n_tokens']} "
+            f"tokens in {stored['n_sequences']} sequences, requested {header['n_tokens']} in {header['n_sequences']})"
+        )
+    if key in _WHAT_DIFFERS:
+        return f"{_WHAT_DIFFERS[key]} ({key}: store {have!r}, requested {want!r})"
     if key == "sites":
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         parts = [f"{len(have)} sites in the store, {len(want)} requested"]
@@ -123,7 +138,7 @@ def prepare_store(root: Path, header: dict, tokens: dict[str, np.ndarray]) -> di
     manifest = read_manifest(root)
     if manifest is not None:
         problems = [
-            _describe_mismatch(k, manifest["config"].get(k), v)
+            _describe_mismatch(k, manifest["config"].get(k), v, manifest, header)
             for k, v in header["config"].items()
             if manifest["config"].get(k) != v
         ]

@@ -179,10 +179,10 @@ def test_rerunning_a_finished_harvest_does_nothing(tiny_model, tiny_corpus, tmp_
     "change, message",
     [
         ("sites", "sites differ"),
-        ("weights", "model_weights_sha256 differs"),
-        ("model", "model differs"),
-        ("corpus", "corpus_sha256 differs"),
-        ("dtype", "dtype differs"),
+        ("weights", "the model's weights differ"),
+        ("model", "model differs .store: 'mistral', requested: 'another-model'"),
+        ("corpus", "the tokenized corpus differs"),
+        ("dtype", "the storage dtype differs .dtype: store 'float32', requested 'bfloat16'"),
     ],
 )
 def test_a_store_of_another_configuration_is_refused(tiny_model, tiny_corpus, tmp_path, change, message):
