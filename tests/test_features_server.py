@@ -95,7 +95,7 @@ def build_run(root, tiny_model_factory, d_sae=64):
             sae.b_enc.fill_(-0.4)
         sae.requires_grad_(False)
         saes[f"{site.kind}/layer_{site.layer}/width_{d_sae}/average_l0_9"] = (site, sae)
-    cfg = FeatureConfig(top_k=6, samples_per_octave=2, batch_tokens=256, progress=False, model_name="tiny")
+    cfg = FeatureConfig(top_k=6, samples_per_octave=2, batch_tokens=768, progress=False, model_name="tiny")
     collect_features(model, tokenizer, corpus, saes, root / "features", cfg)
     return root, model, tokenizer, saes
 
