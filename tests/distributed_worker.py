@@ -2,12 +2,13 @@
 
 ``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SCENARIO OUT``:
 
-* ``all OUT``: distributed harvest of a tiny model into OUT/store_dist; site-parallel training
-  from OUT/store (written by the test beforehand); data-parallel training; the latent-sharded
-  SAE's forward/loss/gradients and a few trainer steps; latent-parallel training; online
-  site-parallel training.
-* ``resume OUT``: distributed harvest, then data-parallel training (launched with injected
-  failures, then relaunched to resume).
+* ``kill OUT``: distributed harvest into OUT/store_dist, then data-parallel training into
+  OUT/dp_resumed; launched twice with an injected failure (first in the harvest, then in the
+  training), so that ``all`` resumes both.
+* ``all OUT``: finish the distributed harvest; site-parallel training from OUT/store (written by
+  the test beforehand); data-parallel training, uninterrupted (OUT/dp) and resumed
+  (OUT/dp_resumed); the latent-sharded SAE's forward/loss/gradients and a few trainer steps;
+  latent-parallel training; online site-parallel training.
 
 The test recomputes each result in one process and compares.  Every shared setting lives here.
 """
@@ -195,18 +196,17 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     env = init_distributed("cpu")
-    if scenario == "all":
+    if scenario == "kill":
+        run_harvest(out, env)
+        run_data_parallel(out / "dp_resumed", env)
+    elif scenario == "all":
         run_harvest(out, env)
         run_site_parallel(out, env)
         run_data_parallel(out / "dp", env)
+        run_data_parallel(out / "dp_resumed", env)
         run_sharded(out, env)
         run_latent_parallel(out / "latent", env)
         run_online(out, env)
-    elif scenario == "resume":  # relaunched after injected failures
-        manifest = out / "store_dist" / "manifest.json"
-        if not (manifest.exists() and json.loads(manifest.read_text())["complete"]):
-            run_harvest(out, env)  # (a finished store needs no model: skip building one)
-        run_data_parallel(out / "dp", env)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (out / f"done_rank{env.rank}.json").write_text(json.dumps({"rank": env.rank, "world": env.world_size}))

@@ -1,7 +1,8 @@
 """torchrun scaling, tested with 2 CPU processes (gloo) launched from pytest.
 
-One launch (``all``) runs every distributed scenario of tests/distributed_worker.py; the tests
-recompute each result in this single process and compare:
+Three launches of tests/distributed_worker.py: two that lose rank 1 (in the harvest, then in
+training) and ``all``, which resumes both and runs every other scenario; the tests recompute each
+result in this single process and compare:
 
 * distributed harvest == single-process harvest, byte for byte;
 * site-parallel training == single-process training of the same SAEs, bit for bit;
@@ -10,8 +11,9 @@ recompute each result in this single process and compare:
   latent-parallel training releases what one device would;
 * online site-parallel == one process fed the same rows, bit for bit.
 
-Three more launches kill a rank mid-run (harvest, then data-parallel training) and relaunch: the
-job fails naming the rank, and the relaunch finishes with the uninterrupted run's results.
+The killed launches fail naming the rank, and the relaunch finishes with the uninterrupted run's
+results (the resumed store equals the single-process one; resumed training equals, bit for bit,
+the uninterrupted run).
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """The reference store (one process), then the ``all`` launch; returns its folder."""
+def runs(tmp_path_factory):
+    """The reference store (one process); two ``kill`` launches, each losing rank 1 (harvest: an
+    error after its second shard group; training: SIGKILL at batch 5), with what they left; then
+    the ``all`` launch, which resumes both and runs every other scenario."""
     out = tmp_path_factory.mktemp("distributed")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -85,9 +89,21 @@ def launched(tmp_path_factory):
                 HarvestConfig(**w.HARVEST))
     finally:
         torch.set_num_threads(before)
+    kills = {}
+    proc = torchrun("kill", str(out), env={w.FAILURE_VAR_NAME: "rank=1,step=5,at=shard"})
+    kills["harvest"] = (proc, sorted(p.name for p in (out / "store_dist/.harvest_parts").glob("*.json")),
+                        json.loads((out / "store_dist/manifest.json").read_text())["complete"])
+    proc = torchrun("kill", str(out), env={w.FAILURE_VAR_NAME: "rank=1,step=5,mode=kill"})
+    latest = CheckpointDir(out / "dp_resumed/checkpoints").latest()
+    kills["train"] = (proc, latest and latest[0], store_contents(out / "store_dist")[1:])
     proc = torchrun("all", str(out))
     assert proc.returncode == 0, output(proc)
-    return out
+    return out, kills
+
+
+@pytest.fixture(scope="module")
+def launched(runs):
+    return runs[0]
 
 
 def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -231,27 +247,26 @@ def test_online_site_parallel_feeds_each_rank_its_sites(launched, one_thread, tm
             assert torch.equal(want[name][key], got[name][key]), (name, key)
 
 
-def test_killed_ranks_fail_clearly_and_relaunches_resume(launched, tmp_path):
-    """Harvest: rank 1 raises after its second shard group; the relaunch deals the unwritten groups
-    out again.  Training: rank 1 is SIGKILLed at batch 5; the relaunch resumes from step 4."""
-    proc = torchrun("resume", str(tmp_path), env={w.FAILURE_VAR_NAME: "rank=1,step=5,at=shard"})
-    assert proc.returncode != 0
+def test_killed_ranks_fail_clearly_and_relaunches_resume(runs):
+    """The job fails naming rank 1; the relaunch (``all``) finishes the harvest, dealing the
+    unwritten shard groups out again, and resumes training at step 4, ending bit-identical to the
+    uninterrupted run."""
+    out, kills = runs
+    proc, parts, complete = kills["harvest"]
     log = proc.stdout + proc.stderr
-    assert "rank 1 of 2: injected failure at shard 5" in log, output(proc)
+    assert proc.returncode != 0
+    assert "rank 1 of 2: injected failure at shard 5" in log, output(proc)  # our message, via torchrun
     assert "rank      : 1" in log  # torchrun's summary names the first rank to fail
-    parts = list((tmp_path / "store_dist/.harvest_parts").glob("*.json"))
-    assert parts and not json.loads((tmp_path / "store_dist/manifest.json").read_text())["complete"]
+    assert parts and not complete  # finished groups wait in per-rank parts
 
-    proc = torchrun("resume", str(tmp_path), env={w.FAILURE_VAR_NAME: "rank=1,step=5,mode=kill"})
-    assert proc.returncode != 0
+    proc, latest, store = kills["train"]
     log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
     assert "SIGKILL" in log and "rank      : 1" in log, output(proc)
-    assert store_contents(tmp_path / "store_dist")[1:] == store_contents(launched / "store")[1:]
-    assert CheckpointDir(tmp_path / "dp/checkpoints").latest()[0] == 4
+    assert latest == 4  # checkpoints every 2 steps; rank 1 died at batch 5
+    assert store == store_contents(out / "store")[1:]  # the harvest resumed and finished first
 
-    proc = torchrun("resume", str(tmp_path))
-    assert proc.returncode == 0, output(proc)
-    want, got = final_state(launched / "dp"), final_state(tmp_path / "dp")
+    want, got = final_state(out / "dp"), final_state(out / "dp_resumed")
     for name in want:
         for key in want[name]:
             assert torch.equal(want[name][key], got[name][key]), (name, key)
@@ -297,3 +312,32 @@ def test_single_process_environment_and_clear_launch_errors(monkeypatch):
     maybe_inject_failure(2, env=DistEnv(rank=0, world_size=2))  # another rank: nothing happens
     with pytest.raises(RuntimeError, match="rank 1 of 2: injected failure at batch 2"):
         maybe_inject_failure(2, env=DistEnv(rank=1, world_size=2))
+
+
+def test_train_command_under_a_torchrun_environment(launched, one_thread, tmp_path, monkeypatch):
+    """``saescope train`` as torchrun starts it (here a world of one process): site- and
+    data-parallel runs release what the plain command releases."""
+    from saescope.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["train", "--store", str(launched / "store"), "--sites", "resid_post@1", "--widths", "32",
+              "--tokens", "160", "--batch-size", "32", "--no-progress", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(var, value)
+    for mode in ("site", "data"):
+        assert main([*common, "--out", str(tmp_path / mode), "--parallel", mode]) == 0
+        assert not dist.is_initialized()  # the command leaves the process group
+    plain = sorted((tmp_path / "plain/release").rglob("params.npz"))
+    assert len(plain) == 1
+    for mode in ("site", "data"):
+        (got,) = sorted((tmp_path / mode / "release").rglob("params.npz"))
+        assert got.relative_to(tmp_path / mode) == plain[0].relative_to(tmp_path / "plain")
+        want, have = np.load(plain[0]), np.load(got)
+        assert all(np.array_equal(want[k], have[k]) for k in want.files), mode
+    assert (tmp_path / "site/parallel.json").exists() and (tmp_path / "site/ranks/rank_0").is_dir()
+    assert main([*common, "--out", str(tmp_path / "site"), "--parallel", "data"]) == 1  # refused, named
+    assert not dist.is_initialized()

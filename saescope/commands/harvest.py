@@ -73,7 +73,11 @@ def run(args) -> int:
     from saescope.sites import n_layers, select_sites
     from saescope.store import human_bytes
     from saescope.tokens import load_corpus, model_context_length
-    from saescope.train.distributed import init_distributed, launched_by_torchrun, shutdown
+    from saescope.train.distributed import (
+        init_distributed,
+        launched_by_torchrun,
+        shutdown,
+    )
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     env = None
@@ -108,7 +112,8 @@ def run(args) -> int:
             store = harvest_distributed(model, tokenizer, corpus, sites, args.out / "store", cfg, env=env)
         except (ValueError, FileNotFoundError, RuntimeError) as err:
             raise RuntimeError(err if str(err).startswith(str(env)) else f"{env}: {err}") from err
-        shutdown()
+        finally:
+            shutdown()
         if not env.is_main:
             return 0
     elapsed = time.perf_counter() - start

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         if env is not None and args.parallel == "latent":
             raise ValueError("--parallel latent trains from an activation store: run saescope harvest first")
         if env is not None:  # each rank runs the model on its own share of the sequences
-            from saescope.train.parallel import corpus_share
+            from saescope.train.online_parallel import corpus_share
 
             corpus = corpus_share(corpus, env.rank, env.world_size)
         source = OnlineSource(model, corpus, all_sites, device=device)
@@ -203,6 +203,8 @@ def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> 
                                   online=args.model is not None, env=env, **kwargs)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise RuntimeError(err if str(err).startswith(str(env)) else f"{env}: {err}") from err
+    finally:
+        shutdown()
     stopped = []
     if env.is_main:
         summary = json.loads((out / "train_summary.json").read_text())
@@ -212,7 +214,6 @@ def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> 
         for s in stopped:
             print(f"stopped {s['sae']}: {s['error']}")
         print(f"{len(folders)} SAEs released, {len(stopped)} stopped; summary: {out / 'train_summary.json'}")
-    shutdown()
     return 1 if stopped else 0
 
 
