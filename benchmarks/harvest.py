@@ -138,7 +138,7 @@ def main() -> None:
         print(f"{label}: batch {batch}: {rate:.1f} batches/s ({rate * batch:.0f} tokens/s); first batch "
               f"{first:.2f}s (incl. checksums, buffer {reader.buffer_tokens} tokens)")
     online = OnlineSource(model, corpus, one, seqs_per_forward=args.batch_seqs, buffer_tokens=16384)
-    first, rate = reader_rate(online, batch, 4)
+    first, rate = reader_rate(online, batch, 2)
     print(f"online source, 1 site: batch {batch}: {rate:.2f} batches/s ({rate * batch:.0f} tokens/s)")
 
     if args.out is None:
