@@ -22,6 +22,7 @@ The output folder must be on a filesystem every rank sees (one node, or NFS/Lust
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +199,7 @@ def harvest_distributed(model: nn.Module, tokenizer, corpus: TokenizedCorpus, si
             if missing:
                 raise RuntimeError(f"distributed harvest of {out} lacks shard groups {missing[:8]} after every "
                                    "rank finished; relaunch the same command to write them")
-            (out / PARTS / PENDING).unlink(missing_ok=True)
-            (out / PARTS).rmdir()
+            shutil.rmtree(out / PARTS, ignore_errors=True)
             manifest["complete"] = True
             write_manifest(out, manifest)
     barrier("waiting for rank 0 to complete the store manifest")

@@ -40,7 +40,6 @@ from saescope.train.distributed import (
     assign_specs,
     init_distributed,
     maybe_inject_failure,
-    site_owners,
 )
 from saescope.train.spec import SAESpec, sweep
 
@@ -291,7 +290,6 @@ def test_assign_specs_balances_flops_and_keeps_sites_whole():
     one_site = sweep([Site(3, "mlp_out")], [4096], sparsity_coefficients=[1e-3, 2e-3, 3e-3, 4e-3])
     assert [len(r) for r in assign_specs(one_site, 2, d_in={Site(3, "mlp_out"): 64})] == [2, 2]  # split: 2x faster
     assert [len(r) for r in assign_specs(one_site, 2, d_in={Site(3, "mlp_out"): 64}, split_sites="never")] == [4, 0]
-    assert site_owners(sites, 3, d_in=d_in) == {s: i % 3 for i, s in enumerate(sites)}
     with pytest.raises(ValueError, match="no input width known for layer_0/attn_z"):
         assign_specs(specs, 2, d_in={s: 64 for s in sites})
 

@@ -329,15 +329,6 @@ def assign_specs(specs: list[SAESpec], world_size: int, *, d_in: dict[Site, int]
     return [sorted(r, key=lambda s: order[s.name]) for r in chosen]
 
 
-def site_owners(sites: list[Site], world_size: int, *, d_in: dict[Site, int],
-                weight: dict[Site, int] | None = None) -> dict[Site, int]:
-    """Which rank owns each site when sites, not SAEs, are the unit (online training: a site's
-    activations are sent to exactly one rank).  ``weight``: the site's SAE cost (default d_in)."""
-    weight = weight or {s: d_in[s] for s in sites}
-    ranks, _ = _deal([(weight[s], (s,), [s]) for s in sites], world_size)
-    return {site: r for r, group in enumerate(ranks) for site in group}
-
-
 # --- failure injection (tests) -----------------------------------------------------------------
 
 

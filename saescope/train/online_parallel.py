@@ -114,8 +114,6 @@ def corpus_share(corpus, rank: int, world_size: int):
                    subset_ids=corpus.subset_ids[pick], keep_mask=corpus.keep_mask[pick])
 
 
-
-
 def train_online_site_parallel(local: BatchSource, specs: list[SAESpec], recipe: Recipe, out_dir, *,
                                n_steps: int, env: DistEnv | None = None, **trainer_kwargs) -> list[Path]:
     """Online training over W ranks: ``local`` is this rank's own activations of every site of
