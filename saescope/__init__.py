@@ -24,6 +24,16 @@ _LAZY = {
     "load_sae": "saescope.release",
     "save_sae": "saescope.release",
     "splice": "saescope.evaluate.splice",
+    "load_corpus": "saescope.tokens",
+    "harvest": "saescope.harvest",
+    "HarvestConfig": "saescope.harvest",
+    "ActivationStore": "saescope.store",
+    "StoreReader": "saescope.store",
+    "OnlineSource": "saescope.stream",
+    "Recipe": "saescope.train.recipe",
+    "SAESpec": "saescope.train.spec",
+    "Trainer": "saescope.train.trainer",
+    "evaluate": "saescope.evaluate.suite",
 }
 
 __all__ = sorted(_LAZY)
