@@ -216,8 +216,8 @@ def gpu_section(args) -> None:
     print(f"\nGPU: {name}; one JumpReLU training step, d_in 2304, batch 4096 (CUDA events, median of {args.gpu_steps})")
     if peaks is None:
         print("  (device not in the peak table: MFU not computed; add it to PEAKS)")
-    print(f"{'width':>8s} {'precision':>24s} {'ms/step':>9s} {'TFLOP/s':>9s} {'peak':>7s} {'MFU':>6s}")
-    labels = {"fp32": ("fp32 (TF32 off)", 0), "tf32": ("fp32 weights, TF32 matmul", 1), "bf16": ("bf16 autocast", 2)}
+    print(f"{'width':>8s} {'precision':>20s} {'ms/step':>9s} {'TFLOP/s':>9s} {'peak':>7s} {'MFU':>6s}")
+    labels = {"fp32": ("fp32 (TF32 off)", 0), "tf32": ("fp32, TF32 matmuls", 1), "bf16": ("bf16 autocast", 2)}
     for width in args.gpu_widths:
         for precision in ("fp32", "tf32", "bf16"):
             ms = gpu_step_time(width, precision, args)
@@ -225,7 +225,7 @@ def gpu_section(args) -> None:
             label, i = labels[precision]
             peak = f"{peaks[i]:7.0f}" if peaks else "      ?"
             mfu = f"{100 * tflops / peaks[i]:5.1f}%" if peaks else "     ?"
-            print(f"{width:8d} {label:>24s} {ms:9.2f} {tflops:9.1f} {peak} {mfu}")
+            print(f"{width:8d} {label:>20s} {ms:9.2f} {tflops:9.1f} {peak} {mfu}")
     torch.backends.cuda.matmul.allow_tf32 = False
     print("Gemma Scope reported 45 ms/step for 131K latents on 8 TPUv3 chips (~50.8% MFU).")
 
