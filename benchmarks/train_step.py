@@ -44,15 +44,16 @@ def peak_rss_gib() -> float:
 
 
 def matmul_rate(B: int, D: int, F: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """FLOP/s of a B×D @ D×F product into a reused output (the best this machine does)."""
+    """FLOP/s of a B×D @ D×F product into a reused output (the median of repeated products)."""
     x, W = torch.randn(B, D, dtype=dtype), torch.randn(D, F, dtype=dtype)
     out = torch.empty(B, F, dtype=dtype)
     torch.mm(x, W, out=out)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 3:
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t = time.perf_counter()
         torch.mm(x, W, out=out)
-        n += 1
-    return 2 * B * D * F * n / (time.perf_counter() - start)
+        times.append(time.perf_counter() - t)
+    return 2 * B * D * F / float(np.median(times))
 
 
 def synthetic_batch(B: int, D: int, seed: int) -> torch.Tensor:
@@ -109,11 +110,12 @@ def time_saescope(init, x, path: str, dtype: str, steps: int, warmup: int) -> di
     sae, opt = build(init, path)
     for _ in range(warmup):
         train_step(sae, opt, x, dtype)
-    start = time.perf_counter()
-    l0 = 0.0
+    times, l0 = [], 0.0
     for _ in range(steps):
+        start = time.perf_counter()
         l0 += float(train_step(sae, opt, x, dtype).l0)
-    seconds = (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))  # the median step: robust to a busy machine's hiccups
     return {"tokens_per_s": x.shape[0] / seconds, "s_per_step": seconds, "l0": l0 / steps}
 
 
@@ -161,13 +163,14 @@ def saelens_worker(args) -> None:
     for n in range(args.warmup):
         for i in range(len(saes)):
             step(i, n)
-    start = time.perf_counter()
-    l0 = 0.0
+    times, l0 = [], 0.0
     for n in range(args.steps):
+        start = time.perf_counter()
         for i in range(len(saes)):
             out = step(i, n)
         l0 += float((out.feature_acts > 0).float().sum(-1).mean())
-    seconds = (time.perf_counter() - start) / args.steps
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
     print(json.dumps({"tokens_per_s": x.shape[0] / seconds, "s_per_step": seconds, "l0": l0 / args.steps,
                       "peak_rss_gib": peak_rss_gib()}))
 
@@ -193,11 +196,13 @@ def multi_worker(args) -> None:
     trainers = [build(calibrated_init(args.d_in, args.multi_width, x, args.target_l0, seed=i), "auto") for i in range(args.n_saes)]
     for sae, opt in trainers:  # warm-up round
         train_step(sae, opt, x, args.dtype)
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         for sae, opt in trainers:
             train_step(sae, opt, x, args.dtype)
-    seconds = (time.perf_counter() - start) / args.steps
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
     print(json.dumps({"rounds_per_s": 1 / seconds, "batch_tokens_per_s": args.batch / seconds,
                       "sae_tokens_per_s": args.batch * args.n_saes / seconds, "peak_rss_gib": peak_rss_gib()}))
 

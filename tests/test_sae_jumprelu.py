@@ -127,6 +127,26 @@ def test_bf16_autocast_is_close_to_fp32(path):
     assert rel < 0.25
 
 
+def test_bf16_dense_and_sparse_paths_select_the_same_latents():
+    """In bf16 the sparse path pre-selects on 16-bit scores; its exact fp32 tests must give the
+    dense path's active set and θ-window (same firing counts, same L0-term gradient)."""
+    sae = random_sae(d_in=64, d_sae=512, bandwidth=0.05)
+    with torch.no_grad():
+        sae.threshold.uniform_(0.4, 0.6)
+    x = torch.randn(512, 64) * 0.05
+    results = {}
+    for path in ("dense", "sparse"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, l0, fired_F = jumprelu_step(x, sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, sae.threshold,
+                                           bandwidth=sae.cfg.bandwidth, path=path)
+        assert 0 < l0 < 0.05 * 512
+        (g_theta,) = torch.autograd.grad(l0, sae.threshold)
+        results[path] = fired_F, g_theta
+    assert torch.equal(results["dense"][0], results["sparse"][0])
+    assert results["dense"][1].abs().sum() > 0
+    torch.testing.assert_close(results["dense"][1], results["sparse"][1])
+
+
 def _smoothed_objective(sae, x, lam, threshold, use_mse=True, use_l0=True):
     """The loss with H replaced by the rectangle kernel's CDF, S(u) = clamp(u/ε + ½, 0, 1)."""
     eps = sae.cfg.bandwidth

@@ -130,9 +130,10 @@ class SAE(nn.Module):
         """Project out of W_dec's gradient the component parallel to each row (before each step)."""
         if self.W_dec.grad is None:
             return
-        rows_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        parallel_F1 = (self.W_dec.grad * rows_FD).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel_F1 * rows_FD)
+        W_dec_FD, grad_FD = self.W_dec, self.W_dec.grad
+        # g ← g − (g·w / w·w) w, row by row, with one F×D temporary
+        coef_F1 = (grad_FD * W_dec_FD).sum(dim=1, keepdim=True) / W_dec_FD.norm(dim=1, keepdim=True).square().clamp_min(1e-24)
+        grad_FD.addcmul_(W_dec_FD, coef_F1, value=-1.0)
 
     # --- release form ------------------------------------------------------------------------
 

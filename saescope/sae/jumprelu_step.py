@@ -88,34 +88,40 @@ class _JumpReLUStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F, bandwidth, centre_input, path, low_dtype):
         B, F = x_BD.shape[0], W_enc_DF.shape[1]
-        half = bandwidth / 2
-        lease = POOL.acquire((x_BD.device, B, F))
+        device, half = x_BD.device, bandwidth / 2
+        lease = POOL.acquire((device, B, F))
         bias_F = b_enc_F - b_dec_D @ W_enc_DF if centre_input else b_enc_F
-        pre_BF = lease.get("pre", (B, F), torch.float32, x_BD.device)
         low = {}
+        # scores: π itself (fp32), or π − bias in 16 bits (the bias is added in fp32 later)
         if low_dtype is None:
-            torch.addmm(bias_F, x_BD, W_enc_DF, out=pre_BF)
+            scores_BF = torch.addmm(bias_F, x_BD, W_enc_DF, out=lease.get("pre", (B, F), torch.float32, device))
+            window_start_F = threshold_F - half
         else:
             low["x"], low["W_enc"] = x_BD.to(low_dtype), W_enc_DF.to(low_dtype)
-            low_BF = lease.get("low", (B, F), low_dtype, x_BD.device)
-            torch.mm(low["x"], low["W_enc"], out=low_BF)
-            torch.add(low_BF, bias_F, out=pre_BF)  # the bias (and all that follows) in fp32
+            scores_BF = torch.mm(low["x"], low["W_enc"], out=lease.get("low", (B, F), low_dtype, device))
+            window_start_F = _round_down(threshold_F - half - bias_F, low_dtype)
 
-        window_BF = lease.get("window", (B, F), torch.bool, x_BD.device)
-        sparse = path == "sparse"  # "auto" on a tiny step stays dense
-        if path == "auto" and B * F >= SPARSE_MIN_SIZE:
-            torch.gt(pre_BF, threshold_F - half, out=window_BF)
-            sparse = int(torch.count_nonzero(window_BF)) < SPARSE_DENSITY * B * F
+        # the sparse set: π > θ − ε/2 (a superset of it in 16 bits; exact tests follow in fp32)
+        window_BF = lease.get("window", (B, F), torch.bool, device)
+        sparse = path == "sparse"
+        if path == "auto" and B * F >= SPARSE_MIN_SIZE:  # "auto" on a tiny step stays dense
+            torch.gt(scores_BF, window_start_F, out=window_BF)
+            sample = window_BF[: min(B, 512)]  # the batch is shuffled: its first rows tell the density
+            sparse = int(torch.count_nonzero(sample)) < SPARSE_DENSITY * sample.numel()
+        elif sparse:
+            torch.gt(scores_BF, window_start_F, out=window_BF)
+
         ctx.sparse, ctx.bandwidth, ctx.centre_input, ctx.low_dtype = sparse, bandwidth, centre_input, low_dtype
-        ctx.device_type = x_BD.device.type
+        ctx.device_type = device.type
         ctx.save_for_backward(x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F)
         if sparse:
-            if path != "auto":
-                torch.gt(pre_BF, threshold_F - half, out=window_BF)
-            x_hat_BD, fired_F = _sparse_forward(ctx, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half)
+            x_hat_BD, fired_F = _sparse_forward(ctx, scores_BF, window_BF, bias_F if low else None,
+                                                W_dec_FD, b_dec_D, threshold_F, half)
             lease.release()  # everything the backward needs is in compact index form now
         else:
-            x_hat_BD, fired_F = _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
+            if low:  # π in fp32
+                scores_BF = lease.get("pre", (B, F), torch.float32, device).copy_(scores_BF).add_(bias_F)
+            x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
             ctx.lease = lease
         ctx.mark_non_differentiable(fired_F)
         l0 = fired_F.sum().to(torch.float32) / B
@@ -210,32 +216,40 @@ def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
 # --- sparse path --------------------------------------------------------------------------------
 
 
+def _round_down(values_F: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values_F`` in ``dtype``, rounded so that no entry ends up above its fp32 value."""
+    margin_F = values_F.abs() * 2.0**-6 + 2.0**-24  # > half a 16-bit ulp (2⁻⁹ relative for bf16)
+    return (values_F - margin_F).to(dtype)
+
+
 def _offsets(sorted_index: torch.Tensor, n: int) -> torch.Tensor:
-    """Start of each of ``n`` groups in a sorted index vector (embedding_bag's ``offsets``)."""
-    counts = torch.bincount(sorted_index, minlength=n)
-    return torch.cumsum(counts, 0) - counts
+    """Start of each group 0..n−1 in a sorted index vector (embedding_bag's ``offsets``)."""
+    return torch.searchsorted(sorted_index, torch.arange(n, device=sorted_index.device, dtype=sorted_index.dtype))
 
 
-def _sparse_forward(ctx, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half):
-    B, F = pre_BF.shape
-    rows, cols = window_BF.nonzero(as_tuple=True)  # every π > θ − ε/2, row-major (CSR) order
-    pre_S = pre_BF[rows, cols]
-    threshold_S = threshold_F[cols]
+def _sparse_forward(ctx, scores_BF, window_BF, low_bias_F, W_dec_FD, b_dec_D, threshold_F, half):
+    B, F = scores_BF.shape
+    flat = window_BF.view(-1).nonzero().squeeze(1)  # every π > θ − ε/2, row-major (CSR) order
+    rows, cols = flat.div(F, rounding_mode="floor"), flat.remainder(F)
+    pre_S = scores_BF.view(-1).take(flat)
+    if low_bias_F is not None:  # 16-bit scores: add the bias in fp32; the tests below are exact
+        pre_S = pre_S.float().add_(low_bias_F[cols])  # (pairs of the 16-bit superset that fail
+    threshold_S = threshold_F[cols]  # both tests only cost a little sampled-product work)
     active_S = pre_S > threshold_S
     near_S = (pre_S - threshold_S).abs_() < half
     (active_idx,) = active_S.nonzero(as_tuple=True)
     a_rows, a_cols, a_vals = rows[active_idx], cols[active_idx], pre_S[active_idx]
     x_hat_BD = nnf.embedding_bag(a_cols, W_dec_FD, _offsets(a_rows, B), mode="sum", per_sample_weights=a_vals)
     x_hat_BD += b_dec_D
-    ctx.rows, ctx.cols, ctx.active_idx, ctx.near_S = rows, cols, active_idx, near_S
+    (ctx.near_idx,) = near_S.nonzero(as_tuple=True)
+    ctx.rows, ctx.cols, ctx.active_idx = rows, cols, active_idx
     ctx.a_rows, ctx.a_cols, ctx.a_vals = a_rows, a_cols, a_vals
     return x_hat_BD, torch.bincount(a_cols, minlength=F)
 
 
 def _sampled_grad_f(g_BD, W_dec_FD, rows, cols, B, F):
     """∂L/∂f at the listed (token, latent) pairs only: a sampled dense-dense product."""
-    crow = torch.zeros(B + 1, dtype=torch.int64, device=g_BD.device)
-    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
+    crow = _offsets(rows, B + 1)  # CSR row pointers (the last one is nnz)
     with warnings.catch_warnings():  # "sparse CSR support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(rows.numel(), device=g_BD.device), (B, F))
@@ -245,15 +259,15 @@ def _sampled_grad_f(g_BD, W_dec_FD, rows, cols, B, F):
 def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
     B = x_BD.shape[0]
     grad_f_S = _sampled_grad_f(g_BD, W_dec_FD, ctx.rows, ctx.cols, B, F)
-    near_cols = ctx.cols[ctx.near_S]
-    near_grad_f_F = torch.zeros(F, device=g_BD.device).index_add_(0, near_cols, grad_f_S[ctx.near_S])
+    near_cols = ctx.cols[ctx.near_idx]
+    near_grad_f_F = torch.zeros(F, device=g_BD.device).index_add_(0, near_cols, grad_f_S[ctx.near_idx])
     near_count_F = torch.bincount(near_cols, minlength=F).to(torch.float32)
 
     a_rows, a_cols = ctx.a_rows, ctx.a_cols
     grad_pre_A = grad_f_S[ctx.active_idx]  # ∂L/∂π at the active pairs (zero elsewhere)
     grad_bias_F = torch.zeros(F, device=g_BD.device).index_add_(0, a_cols, grad_pre_A)
     # ∂L/∂W_dec and ∂L/∂W_encᵀ are sums over each latent's active tokens: bags by latent
-    by_latent = torch.argsort(a_cols, stable=True)
+    by_latent = torch.argsort(a_cols.to(torch.int32), stable=True)  # int32 keys sort ~4× faster
     tokens_by_latent = a_rows[by_latent]
     latent_offsets = _offsets(a_cols[by_latent], F)
     grad_W_dec_FD = grad_W_enc_DF = grad_x_BD = None
