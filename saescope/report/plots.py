@@ -74,7 +74,7 @@ def tradeoff(data: ReportData, metric: str, label: str, path: Path) -> Path:
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.colorbar(mappable, ax=axes[0].tolist(), label="layer", fraction=0.025, pad=0.01)
     fig.suptitle(f"{label} against L0 (one line per layer; lower is better)")
     return _save(fig, path)
@@ -166,29 +166,34 @@ def firing_frequency(data: ReportData, path: Path) -> Path | None:
 
 
 def by_subset(data: ReportData, path: Path) -> Path | None:
-    """Heatmaps of delta loss and FVU per corpus subset (columns) and canonical site (rows)."""
+    """Delta loss and FVU per corpus subset (columns) and canonical site (rows).
+
+    Sites differ by orders of magnitude, so the colour is each cell relative to its site's
+    overall value (which subsets are hard for this site); the numbers are absolute.
+    """
     canon = [e for _, e in sorted(data.canonical.items(), key=lambda kv: (data.kinds.index(kv[0].kind), kv[0].layer))]
     subsets = sorted({s for e in canon for s in e.metrics.get("by_subset", {})})
     if not subsets:
         return None
     n_rows = len(canon)
-    fig, axes = plt.subplots(1, 2, figsize=(3.0 + 1.4 * len(subsets) * 2, 2.0 + 0.28 * n_rows), squeeze=False,
-                             layout="constrained")
-    for ax, (metric, label, cmap) in zip(axes[0], (("delta_loss", "delta LM loss (nats)", "Reds"),
-                                                    ("fvu", "FVU", "Purples"))):
+    width = 2.5 + 0.5 * len(subsets)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 2.2 + 0.26 * n_rows), squeeze=False, layout="constrained")
+    for ax, (metric, label) in zip(axes[0], (("delta_loss", "delta LM loss (nats)"), ("fvu", "FVU"))):
         grid = np.array([[(e.metrics["by_subset"].get(s) or {}).get(metric) for s in subsets] for e in canon],
                         dtype=float)
-        image = ax.imshow(grid, aspect="auto", cmap=cmap)
+        overall = np.array([e.get(metric) for e in canon])[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(np.abs(overall) > 0, grid / overall, np.nan)
+        image = ax.imshow(relative, aspect="auto", cmap="RdBu_r", vmin=0.5, vmax=1.5)
         ax.set_xticks(range(len(subsets)), subsets, rotation=40, ha="right", fontsize=8)
         ax.set_yticks(range(n_rows), [str(e.site) for e in canon], fontsize=7 if n_rows > 20 else 9)
         ax.set_title(f"{label} by subset")
-        if grid.size <= 240:
-            finite = grid[np.isfinite(grid)]
-            middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+        if grid.size <= 400:
             for (i, j), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                            color="white" if v > middle else "black")
-        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-    fig.suptitle("Metrics by corpus subset (canonical SAEs)")
+                    dark = np.isfinite(relative[i, j]) and abs(relative[i, j] - 1) > 0.3
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6 if grid.size > 150 else 7,
+                            color="white" if dark else "black")
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="÷ the site's overall value")
+    fig.suptitle("Metrics by corpus subset (canonical SAEs; red = harder than the site's average)")
     return _save(fig, path)
