@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-import saescope.sae.jumprelu_step as step_module
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sae.batchtopk import BatchTopKSAE
 from saescope.sae.registry import ARCHITECTURES, build_sae
@@ -141,19 +140,3 @@ def test_relu_penalty_is_l1_weighted_by_decoder_norms():
     expected = 0.25 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
     torch.testing.assert_close(out.sparsity, expected.detach())
     assert isinstance(make("topk"), TopKSAE)
-
-
-def test_auto_path_takes_the_sparse_kernel_on_a_large_sparse_step(monkeypatch):
-    calls = []
-    original = step_module._sparse_forward
-    monkeypatch.setattr(step_module, "_sparse_forward", lambda *a: calls.append(1) or original(*a))
-    sae = make("jumprelu", d_in=8, d_sae=1024, bandwidth=0.01)
-    x = torch.randn(1024, 8) * 0.3
-    with torch.no_grad():
-        sae.threshold.fill_(5.0)  # almost nothing fires
-    sae.loss(x, 0.1).total.backward()
-    assert calls == [1]
-    with torch.no_grad():
-        sae.threshold.fill_(0.001)  # half the latents fire, as at initialisation
-    sae.loss(x, 0.1).total.backward()
-    assert calls == [1]

@@ -10,6 +10,7 @@ import torch
 
 from saescope.sae.base import SAEConfig
 from saescope.sae.jumprelu import JumpReLUSAE
+import saescope.sae.jumprelu_step as step_module
 from saescope.sae.jumprelu_step import jumprelu_step
 
 # --- a plain autograd reference, straight from the paper's equations --------------------------
@@ -106,6 +107,35 @@ def test_dense_and_sparse_paths_agree_at_low_density():
     assert torch.equal(results["dense"][1], results["sparse"][1])
     for name, g in results["dense"][2].items():
         torch.testing.assert_close(results["sparse"][2][name], g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold, expect_sparse", [(3.0, True), (0.001, False)])
+def test_auto_path_on_a_large_step_picks_the_kernel_by_density(monkeypatch, threshold, expect_sparse):
+    """≥ 2²⁰ (token, latent) pairs: "auto" goes sparse when few latents fire (a trained SAE) and
+    dense when many do (at initialisation); either way the gradients are the reference's."""
+    calls = []
+    original = step_module._sparse_forward
+    monkeypatch.setattr(step_module, "_sparse_forward", lambda *a: calls.append(1) or original(*a))
+    sae = random_sae(d_in=8, d_sae=1024, bandwidth=0.05)
+    with torch.no_grad():
+        sae.threshold.fill_(threshold)
+    x = torch.randn(1024, 8)
+    out = sae.loss(x, 0.2)
+    ours = grads_of(sae, out.total)
+    assert calls == ([1] if expect_sparse else [])
+    assert ours["threshold"].abs().sum() > 0
+    ref = grads_of(sae, reference_loss(sae, x, 0.2))
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5)
+    # bf16: "auto" selects the same latents and θ-window as the explicit dense path
+    seen = {}
+    for path in ("auto", "dense"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, l0, fired_F = jumprelu_step(x, sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, sae.threshold,
+                                           bandwidth=sae.cfg.bandwidth, path=path)
+        seen[path] = fired_F, torch.autograd.grad(l0, sae.threshold)[0]
+    assert torch.equal(seen["auto"][0], seen["dense"][0])
+    torch.testing.assert_close(seen["auto"][1], seen["dense"][1])
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])

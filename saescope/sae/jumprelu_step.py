@@ -104,12 +104,12 @@ class _JumpReLUStep(torch.autograd.Function):
         # the sparse set: π > θ − ε/2 (a superset of it in 16 bits; exact tests follow in fp32)
         window_BF = lease.get("window", (B, F), torch.bool, device)
         sparse = path == "sparse"
-        if path == "auto" and B * F >= SPARSE_MIN_SIZE:  # "auto" on a tiny step stays dense
+        window_ready = path != "dense" and (sparse or B * F >= SPARSE_MIN_SIZE)  # tiny "auto" steps stay dense
+        if window_ready:
             torch.gt(scores_BF, window_start_F, out=window_BF)
+        if path == "auto" and window_ready:
             sample = window_BF[: min(B, 512)]  # the batch is shuffled: its first rows tell the density
             sparse = int(torch.count_nonzero(sample)) < SPARSE_DENSITY * sample.numel()
-        elif sparse:
-            torch.gt(scores_BF, window_start_F, out=window_BF)
 
         ctx.sparse, ctx.bandwidth, ctx.centre_input, ctx.low_dtype = sparse, bandwidth, centre_input, low_dtype
         ctx.device_type = device.type
@@ -121,7 +121,8 @@ class _JumpReLUStep(torch.autograd.Function):
         else:
             if low:  # π in fp32
                 scores_BF = lease.get("pre", (B, F), torch.float32, device).copy_(scores_BF).add_(bias_F)
-            x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
+            x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, window_ready, W_dec_FD, b_dec_D,
+                                               threshold_F, half, low)
             ctx.lease = lease
         ctx.mark_non_differentiable(fired_F)
         l0 = fired_F.sum().to(torch.float32) / B
@@ -155,21 +156,24 @@ class _JumpReLUStep(torch.autograd.Function):
 # --- dense path ---------------------------------------------------------------------------------
 
 
-def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low):
+def _dense_forward(ctx, lease, pre_BF, window_BF, window_ready, W_dec_FD, b_dec_D, threshold_F, half, low):
     B, F = pre_BF.shape
-    active_BF = lease.get("active", (B, F), torch.float32, pre_BF.device)
-    # θ's window |π − θ| < ε/2, kept as indices (a few % of entries at most)
-    torch.sub(pre_BF, threshold_F, out=active_BF).abs_()
-    torch.lt(active_BF, half, out=window_BF)
-    ctx.near_rows, ctx.near_cols = window_BF.nonzero(as_tuple=True)
-    torch.gt(pre_BF, threshold_F, out=active_BF)  # 0/1 floats
+    device = pre_BF.device
+    # θ's window |π − θ| < ε/2, kept as indices: (π > θ − ε/2, already in window_BF when "auto"
+    # chose this path; a superset in 16 bits) and π < θ + ε/2, then an exact test on the few pairs
+    if not window_ready:
+        torch.gt(pre_BF, threshold_F - half, out=window_BF)
+    near_BF = torch.lt(pre_BF, threshold_F + half, out=lease.get("near", (B, F), torch.bool, device))
+    rows, cols = near_BF.logical_and_(window_BF).nonzero(as_tuple=True)
+    (exact,) = ((pre_BF[rows, cols] - threshold_F[cols]).abs_() < half).nonzero(as_tuple=True)
+    ctx.near_rows, ctx.near_cols = rows[exact], cols[exact]
+    active_BF = torch.gt(pre_BF, threshold_F, out=lease.get("active", (B, F), torch.float32, device))  # 0/1
     fired_F = active_BF.sum(0).to(torch.int64)
     f_BF = pre_BF.mul_(active_BF)
     if ctx.low_dtype is None:
         x_hat_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD)
     else:
-        f_low_BF = lease.get("low", (B, F), ctx.low_dtype, pre_BF.device)
-        f_low_BF.copy_(f_BF)
+        f_low_BF = lease.get("low", (B, F), ctx.low_dtype, device).copy_(f_BF)
         low["W_dec"] = W_dec_FD.to(ctx.low_dtype)
         x_hat_BD = torch.addmm(b_dec_D.to(ctx.low_dtype), f_low_BF, low["W_dec"]).float()
     ctx.low = low
@@ -177,19 +181,19 @@ def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F
 
 
 def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
-    lease, low = ctx.lease, ctx.low
+    lease, low, low_dtype = ctx.lease, ctx.low, ctx.low_dtype
     device = x_BD.device
     buf_BF = lease.get("pre", (B, F), torch.float32, device)  # holds f
     active_BF = lease.get("active", (B, F), torch.float32, device)
-    need_x, need_W_enc, need_W_dec = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_x, need_W_enc, need_W_dec = ctx.needs_input_grad[:3]
     grad_W_dec_FD = None
-    if ctx.low_dtype is None:
+    if low_dtype is None:
         if need_W_dec:
             grad_W_dec_FD = buf_BF.T @ g_BD
         torch.mm(g_BD, W_dec_FD.T, out=buf_BF)  # ∂L/∂f
     else:
-        low_BF = lease.get("low", (B, F), ctx.low_dtype, device)  # holds f in 16 bits
-        g_low_BD = g_BD.to(ctx.low_dtype)
+        low_BF = lease.get("low", (B, F), low_dtype, device)  # holds f in 16 bits
+        g_low_BD = g_BD.to(low_dtype)
         if need_W_dec:
             grad_W_dec_FD = (low_BF.T @ g_low_BD).float()
         torch.mm(g_low_BD, low["W_dec"].T, out=low_BF)
@@ -197,19 +201,19 @@ def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
     near_grad_f_F = torch.zeros(F, device=device).index_add_(0, ctx.near_cols, buf_BF[ctx.near_rows, ctx.near_cols])
     near_count_F = torch.bincount(ctx.near_cols, minlength=F).to(torch.float32)
     grad_pre_BF = buf_BF.mul_(active_BF)
-    grad_bias_F = grad_pre_BF.sum(0)
-    grad_W_enc_DF = grad_x_BD = None
-    if ctx.low_dtype is None:
-        if need_W_enc:
-            grad_W_enc_DF = x_BD.T @ grad_pre_BF
-        if need_x:
-            grad_x_BD = grad_pre_BF @ W_enc_DF.T
-    else:
+    if low_dtype is not None:
         low_BF.copy_(grad_pre_BF)
-        if need_W_enc:
-            grad_W_enc_DF = (low["x"].T @ low_BF).float()
-        if need_x:
-            grad_x_BD = (low_BF @ low["W_enc"].T).float()
+    grad_W_enc_DF = grad_x_BD = None
+    if need_W_enc:
+        # a column of ones under x makes the same product give Σ_b ∂L/∂π (b_enc's gradient)
+        x_aug_BD1 = torch.cat([x_BD if low_dtype is None else low["x"], x_BD.new_ones(B, 1, dtype=low_dtype or x_BD.dtype)], 1)
+        grad_aug_D1F = x_aug_BD1.T @ (grad_pre_BF if low_dtype is None else low_BF)
+        grad_aug_D1F = grad_aug_D1F.float() if low_dtype is not None else grad_aug_D1F
+        grad_W_enc_DF, grad_bias_F = grad_aug_D1F[:-1], grad_aug_D1F[-1].clone()
+    else:
+        grad_bias_F = grad_pre_BF.sum(0)
+    if need_x:
+        grad_x_BD = grad_pre_BF @ W_enc_DF.T if low_dtype is None else (low_BF @ low["W_enc"].T).float()
     return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F
 
 
