@@ -290,7 +290,7 @@ def test_evaluate_release_writes_metrics_and_groups_by_memory(tmp_path, tiny_mod
     assert one_group["saes"].keys() == three_groups["saes"].keys() and len(folders) == 3
     for folder in folders:
         metrics = read_json(folder / "metrics.json")
-        assert metrics["train_l0"] == 12.5  # training figures are kept
+        assert metrics["training"] == {"train_l0": 12.5}  # the trainer's figures are kept apart
         assert metrics["site"] == read_json(folder / "config.json")["site"]
         for key in ("l0", "fvu", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
                     "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation"):

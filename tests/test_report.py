@@ -44,6 +44,7 @@ def fake_metrics(site: Site, l0: float, rng: np.random.Generator) -> dict:
         },
         "firing_histogram": {"log10_density_edges": list(LOG10_DENSITY_EDGES), "counts": counts.tolist(),
                              "n_dead": 3},
+        "eval": {"corpus": "fake"},
     }
 
 
@@ -59,9 +60,11 @@ def release(tmp_path):
                 (folder / "params.npz").write_bytes(b"")  # the report never reads parameters
                 write_json(folder / "metrics.json", fake_metrics(Site(layer, kind), l0, rng))
     write_json(root / "eval.json", {"info": {"model": "gemma-3-270m", "corpus": "wiki-vital", "n_tokens": 5000}})
-    # one SAE not evaluated yet
-    (root / "attn_z" / "layer_0" / "width_1k" / "average_l0_999").mkdir(parents=True)
-    (root / "attn_z" / "layer_0" / "width_1k" / "average_l0_999" / "params.npz").write_bytes(b"")
+    # one SAE not evaluated yet: only the trainer's metrics.json
+    fresh = root / "attn_z" / "layer_0" / "width_1k" / "average_l0_999"
+    fresh.mkdir(parents=True)
+    (fresh / "params.npz").write_bytes(b"")
+    write_json(fresh / "metrics.json", {"fvu": 0.2, "l0": 999.0})
     return root
 
 

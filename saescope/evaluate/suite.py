@@ -231,8 +231,9 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
     SAEs are loaded (with :func:`saescope.release.load_sae`) in groups of at most
     ``sae_memory_mb`` of parameters; each group shares one clean pass per batch, so a release
     that fits in one group (the usual case) computes the clean forward exactly once.  ``kind``
-    names the site kind for folders whose config and path do not (Gemma Scope's).  Keys already
-    in a ``metrics.json`` (e.g. training figures) are kept unless evaluation recomputes them.
+    names the site kind for folders whose config and path do not (Gemma Scope's).  What a
+    ``metrics.json`` held before its first evaluation (the trainer's figures, measured on
+    training data) moves under its ``training`` key.
     """
     from saescope.release import load_sae
 
@@ -266,7 +267,8 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
     for site, folder in entries:
         sae_metrics = merged["saes"][str(folder)]
         previous = read_json(folder / "metrics.json") or {}
-        write_json(folder / "metrics.json", {**previous, **sae_metrics, "eval": info})
+        training = previous.get("training") if "eval" in previous else previous  # the trainer's figures
+        write_json(folder / "metrics.json", {**sae_metrics, "eval": info, **({"training": training} if training else {})})
         relative = folder.relative_to(root).as_posix() if folder != root else "."
         summary["saes"][relative] = {"site": site.name, "d_sae": sae_metrics["d_sae"],
                                      **{k: sae_metrics.get(k) for k in SCALAR_METRICS}}

@@ -72,7 +72,7 @@ def load_report_data(run_or_release: str | Path, canonical_l0: float | None = No
     for folder in find_sae_folders(root):
         metrics = read_json(folder / "metrics.json")
         relative = folder.relative_to(root).as_posix() if folder != root else folder.name
-        if not metrics or "fvu" not in metrics:
+        if not metrics or "eval" not in metrics:  # the trainer's metrics.json alone is not an evaluation
             unevaluated.append(relative)
             continue
         config = read_json(folder / "config.json")
@@ -80,7 +80,8 @@ def load_report_data(run_or_release: str | Path, canonical_l0: float | None = No
         d_sae = int(metrics.get("d_sae") or (config or {}).get("d_sae") or 0)
         entries.append(SAEEntry(relative, site, d_sae, metrics))
     if not entries:
-        raise FileNotFoundError(f"no evaluated SAE under {root} (no metrics.json with 'fvu'); run `saescope eval` first")
+        raise FileNotFoundError(f"no evaluated SAE under {root} (no metrics.json from an evaluation); "
+                                "run `saescope eval` first")
     entries.sort(key=lambda e: (SITE_KINDS.index(e.site.kind), e.site.layer, e.get("l0"), e.path))
     info = (read_json(root / "eval.json") or {}).get("info", {})
     canonical = choose_canonical(entries, CANONICAL_L0 if canonical_l0 is None else canonical_l0)
