@@ -103,13 +103,13 @@ class _JumpReLUStep(torch.autograd.Function):
 
         # the sparse set: π > θ − ε/2 (a superset of it in 16 bits; exact tests follow in fp32)
         window_BF = lease.get("window", (B, F), torch.bool, device)
-        sparse = path == "sparse"
-        window_ready = path != "dense" and (sparse or B * F >= SPARSE_MIN_SIZE)  # tiny "auto" steps stay dense
-        if window_ready:
-            torch.gt(scores_BF, window_start_F, out=window_BF)
-        if path == "auto" and window_ready:
-            sample = window_BF[: min(B, 512)]  # the batch is shuffled: its first rows tell the density
-            sparse = int(torch.count_nonzero(sample)) < SPARSE_DENSITY * sample.numel()
+        sparse, n_sampled = path == "sparse", 0
+        if path == "auto" and B * F >= SPARSE_MIN_SIZE:  # tiny "auto" steps stay dense
+            n_sampled = min(B, 512)  # the batch is shuffled: its first rows tell the density
+            sample_BF = torch.gt(scores_BF[:n_sampled], window_start_F, out=window_BF[:n_sampled])
+            sparse = int(torch.count_nonzero(sample_BF)) < SPARSE_DENSITY * sample_BF.numel()
+        if sparse:
+            torch.gt(scores_BF[n_sampled:], window_start_F, out=window_BF[n_sampled:])
 
         ctx.sparse, ctx.bandwidth, ctx.centre_input, ctx.low_dtype = sparse, bandwidth, centre_input, low_dtype
         ctx.device_type = device.type
@@ -121,8 +121,7 @@ class _JumpReLUStep(torch.autograd.Function):
         else:
             if low:  # π in fp32
                 scores_BF = lease.get("pre", (B, F), torch.float32, device).copy_(scores_BF).add_(bias_F)
-            x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, window_ready, W_dec_FD, b_dec_D,
-                                               threshold_F, half, low)
+            x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
             ctx.lease = lease
         ctx.mark_non_differentiable(fired_F)
         l0 = fired_F.sum().to(torch.float32) / B
@@ -156,17 +155,13 @@ class _JumpReLUStep(torch.autograd.Function):
 # --- dense path ---------------------------------------------------------------------------------
 
 
-def _dense_forward(ctx, lease, pre_BF, window_BF, window_ready, W_dec_FD, b_dec_D, threshold_F, half, low):
+def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low):
     B, F = pre_BF.shape
     device = pre_BF.device
-    # θ's window |π − θ| < ε/2, kept as indices: (π > θ − ε/2, already in window_BF when "auto"
-    # chose this path; a superset in 16 bits) and π < θ + ε/2, then an exact test on the few pairs
-    if not window_ready:
-        torch.gt(pre_BF, threshold_F - half, out=window_BF)
-    near_BF = torch.lt(pre_BF, threshold_F + half, out=lease.get("near", (B, F), torch.bool, device))
-    rows, cols = near_BF.logical_and_(window_BF).nonzero(as_tuple=True)
-    (exact,) = ((pre_BF[rows, cols] - threshold_F[cols]).abs_() < half).nonzero(as_tuple=True)
-    ctx.near_rows, ctx.near_cols = rows[exact], cols[exact]
+    # θ's window |π − θ| < ε/2, kept as indices (a few % of the pairs at most); the scratch for
+    # |π − θ| becomes the active mask next
+    scratch_BF = torch.sub(pre_BF, threshold_F, out=lease.get("active", (B, F), torch.float32, device)).abs_()
+    ctx.near_rows, ctx.near_cols = torch.lt(scratch_BF, half, out=window_BF).nonzero(as_tuple=True)
     active_BF = torch.gt(pre_BF, threshold_F, out=lease.get("active", (B, F), torch.float32, device))  # 0/1
     fired_F = active_BF.sum(0).to(torch.int64)
     f_BF = pre_BF.mul_(active_BF)
