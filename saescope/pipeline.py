@@ -105,7 +105,8 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) ->
         with _stage(state, "eval", log) as info:
             from saescope.evaluate.suite import EvalConfig, evaluate_release
 
-            summary = evaluate_release(release, model, eval_corpus, EvalConfig(progress=progress),
+            summary = evaluate_release(release, model, eval_corpus, EvalConfig(loss_tokens=cfg.eval_loss_tokens, zero_ablation=cfg.zero_ablation,
+                                                            progress=progress),
                                        model_name=cfg.model)
             canonical = choose_canonical(summary["saes"], cfg.canonical_l0)
             (release / "canonical.json").write_text(json.dumps(canonical, indent=2))
@@ -153,6 +154,7 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
     specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
                   sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, seed=cfg.seed)
     recipe = Recipe.for_steps(cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                              b_dec_init=cfg.b_dec_init,
                               scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
     trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, checkpoint_every=cfg.checkpoint_every,
                       device=cfg.device, data_seed=cfg.seed, model_name=cfg.model, progress=progress)

@@ -31,6 +31,11 @@ class RunConfig:
     ks: tuple[int, ...] = ()
     train_tokens: int = 200_000
     eval_tokens: int = 8_192
+    #: held-out tokens scored for the LM-loss metrics (delta loss, CE recovered, KL): each SAE
+    #: costs one partial forward plus Gemma's 262k-word head per token; None = every eval token
+    eval_loss_tokens: int | None = 1_024
+    #: zero-ablation forward per site, for CE loss recovered
+    zero_ablation: bool = True
     feature_tokens: int = 16_384
     seq_len: int = 256
     batch_size: int = 1_024
@@ -41,6 +46,8 @@ class RunConfig:
     dtype: str = "float32"
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
     lr: float = 7e-5
+    #: b_dec at step 0: "zeros" (the paper) or "mean" (short runs; see Recipe.b_dec_init)
+    b_dec_init: str = "mean"
     #: canonical SAE per site = average L0 closest to this (the paper's rule uses 100)
     canonical_l0: float = 100.0
     device: str = "cpu"
@@ -86,6 +93,7 @@ PRESETS: dict[str, RunConfig] = {
         widths=(512,),
         train_tokens=40_960,
         eval_tokens=2_048,
+        eval_loss_tokens=256,
         feature_tokens=4_096,
         seq_len=128,
         batch_size=512,
@@ -104,12 +112,15 @@ PRESETS: dict[str, RunConfig] = {
         sparsity_coefficients=(2e-4, 4e-4, 6e-4, 1e-3, 2e-3),
         train_tokens=4_000_000_000,
         eval_tokens=2_048 * 1_024,
+        eval_loss_tokens=None,
         feature_tokens=10_000_000,
         seq_len=1_024,
         batch_size=4_096,
         source="store",
         device="cuda",
         checkpoint_every=10_000,
+        lr=7e-5,
+        b_dec_init="zeros",
     ),
     # The paper's residual-stream ladder for one layer (Gemma Scope Fig. 4 style).
     "gemma-2-2b-res12-ladder": RunConfig(
@@ -122,12 +133,15 @@ PRESETS: dict[str, RunConfig] = {
         sparsity_coefficients=(4e-4, 6e-4, 1e-3),
         train_tokens=8_000_000_000,
         eval_tokens=2_048 * 1_024,
+        eval_loss_tokens=None,
         feature_tokens=10_000_000,
         seq_len=1_024,
         batch_size=4_096,
         source="store",
         device="cuda",
         checkpoint_every=10_000,
+        lr=7e-5,
+        b_dec_init="zeros",
     ),
 }
 

@@ -77,3 +77,26 @@ def test_round_trip_and_bad_values():
         Recipe(lr=0)
     with pytest.raises(ValueError, match="betas"):
         Recipe(adam_beta2=1.0)
+
+
+def test_b_dec_mean_init_uses_the_first_batch():
+    import torch
+
+    from saescope.sae.base import SAEConfig
+    from saescope.sae.registry import build_sae
+    from saescope.train.recipe import Recipe
+    from saescope.train.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    x_BD = torch.randn(64, 8) * 3 + 5
+    recipe = Recipe.for_steps(10, lr=1e-9, b_dec_init="mean", batch_size=64)
+    sae = build_sae(SAEConfig(d_in=8, d_sae=16))
+    trainer = SAETrainer(sae, recipe, sparsity_coefficient=0.0, n_steps=10, input_scale=2.0)
+    trainer.update(0, x_BD)
+    # b_dec starts at the batch mean in normalised units (lr is tiny: the step barely moves it)
+    assert torch.allclose(sae.b_dec, x_BD.mean(0) / 2.0, atol=1e-4)
+    with pytest.raises(ValueError, match="b_dec_init"):
+        Recipe(b_dec_init="median")
+    with pytest.raises(ValueError, match="data-parallel"):
+        SAETrainer(build_sae(SAEConfig(d_in=8, d_sae=16)), recipe, sparsity_coefficient=0.0, n_steps=10,
+                   reduce_grads=lambda sae: None)

@@ -18,7 +18,7 @@ _OVERRIDES = {
     "model": ("model", str), "corpus": ("corpus", str), "eval_corpus": ("eval_corpus", str),
     "sites": ("sites", str), "arch": ("architecture", str), "widths": ("widths", _ints),
     "l0_coefficients": ("sparsity_coefficients", _floats), "k": ("ks", _ints),
-    "tokens": ("train_tokens", int), "eval_tokens": ("eval_tokens", int),
+    "tokens": ("train_tokens", int), "eval_tokens": ("eval_tokens", int), "eval_loss_tokens": ("eval_loss_tokens", int),
     "feature_tokens": ("feature_tokens", int), "seq_len": ("seq_len", int),
     "batch_size": ("batch_size", int), "source": ("source", str), "store_dtype": ("store_dtype", str),
     "dtype": ("dtype", str), "lr": ("lr", float), "canonical_l0": ("canonical_l0", float),
@@ -47,6 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--k", help="comma-separated k sweep for topk/batchtopk")
     p.add_argument("--tokens", type=int, help="training tokens per SAE")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens for evaluation")
+    p.add_argument("--eval-loss-tokens", type=int, help="held-out tokens scored for delta loss / CE recovered / KL")
     p.add_argument("--feature-tokens", type=int, help="tokens scanned for the feature browser")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, help="activations per training step")

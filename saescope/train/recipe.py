@@ -71,6 +71,11 @@ class Recipe:
     bandwidth: float = 0.001
     #: JumpReLU: θ is clamped to at least this after every step (θ must stay positive)
     threshold_min: float = 1e-6
+    #: b_dec at step 0: "zeros" (the paper) or "mean" (the mean of the first batch, in
+    #: normalised units).  The paper's runs are long enough for b_dec to learn the mean; a
+    #: short CPU run is not, and Gemma's activations have a large mean (a few outlier
+    #: dimensions), so an SAE starting at zero spends its short run learning it.
+    b_dec_init: str = "zeros"
 
     # --- bookkeeping ---
     #: a latent is "dead" if it has not fired in this many tokens (or in the whole run so far,
@@ -95,6 +100,8 @@ class Recipe:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.scale_estimate_tokens < 1 or self.dead_window_tokens < 1:
             raise ValueError("scale_estimate_tokens and dead_window_tokens must be >= 1")
+        if self.b_dec_init not in ("zeros", "mean"):
+            raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.threshold_init <= 0 or self.bandwidth <= 0 or self.threshold_min <= 0:
             raise ValueError("threshold_init, bandwidth and threshold_min must be > 0")
 

@@ -71,6 +71,8 @@ class SAETrainer:
     ):
         if not input_scale > 0:
             raise ValueError(f"input_scale must be > 0, got {input_scale}")
+        if recipe.b_dec_init == "mean" and reduce_grads is not None:
+            raise ValueError("b_dec_init='mean' reads one rank's batch; use 'zeros' with data-parallel training")
         self.sae = sae
         self.recipe = recipe
         self.sparsity_coefficient = float(sparsity_coefficient)
@@ -107,6 +109,9 @@ class SAETrainer:
         coefficient = self.sparsity_coefficient * recipe.sparsity_factor_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if step == 0 and self.recipe.b_dec_init == "mean":
+            with torch.no_grad():
+                self.sae.b_dec.copy_(x_BD.mean(dim=0))
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=recipe.dtype == "bfloat16"):
             out = sae.loss(x_BD, coefficient)
