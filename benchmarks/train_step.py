@@ -202,7 +202,7 @@ def time_saelens(python: str, init, x, dtype: str, steps: int, warmup: int, thre
 def multi_worker(args) -> None:
     torch.set_num_threads(args.threads)
     x = synthetic_batch(args.batch, args.d_in, seed=0)
-    trainers = [build(calibrated_init(args.d_in, args.multi_width, x, args.target_l0, seed=i), "auto") for i in range(args.n_saes)]
+    trainers = [build(calibrated_init(args.d_in, args.multi_width, x, args.target_l0[0], seed=i), "auto") for i in range(args.n_saes)]
     for sae, opt in trainers:  # warm-up round
         train_step(sae, opt, x, args.dtype)
     times = []
@@ -219,7 +219,7 @@ def multi_worker(args) -> None:
 def run_multi(args, dtype: str) -> dict | str:
     cmd = [sys.executable, __file__, "--multi-worker", "--n-saes", str(args.multi), "--multi-width", str(args.multi_width),
            "--dtype", dtype, "--steps", str(args.multi_rounds), "--threads", str(args.threads), "--batch", str(args.batch),
-           "--d-in", str(args.d_in), "--target-l0", str(args.target_l0), "--adam", args.adam]
+           "--d-in", str(args.d_in), "--target-l0", str(args.target_l0[0]), "--adam", args.adam]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -237,7 +237,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--target-l0", type=float, default=75.0)
+    p.add_argument("--target-l0", type=float, nargs="+", default=[75.0],
+                   help="L0s to calibrate to (several: a sweep showing where the sparse path pays; SAELens runs at the first)")
     p.add_argument("--configs", nargs="+", default=["dense/fp32", "auto/fp32", "dense/bf16", "auto/bf16"],
                    help="path/dtype pairs to time (paths: dense, sparse, auto)")
     default_peer = "/tmp/saelens/bin/python" if Path("/tmp/saelens/bin/python").exists() else ""
@@ -268,7 +269,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     B, D = args.batch, args.d_in
     results: dict = {"threads": args.threads, "d_in": D, "batch": B, "target_l0": args.target_l0, "widths": {}}
-    print(f"torch {torch.__version__}, {args.threads} threads, d_in {D}, batch {B}, target L0 {args.target_l0:g}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, d_in {D}, batch {B}, target L0 {args.target_l0}, "
           f"{args.adam} Adam (SAELens: its trainer's Adam)")
     x = synthetic_batch(B, D, seed=0)
     for F in args.widths:
@@ -277,14 +278,17 @@ def main() -> None:
         bound = fp32_rate / (10 * D * F)
         row = {"fp32_gflops": fp32_rate / 1e9, "bf16_gflops": bf16_rate / 1e9, "dense_bound_tokens_per_s": bound}
         print(f"\nwidth {F}: matmul {fp32_rate / 1e9:.0f} GFLOP/s fp32, {bf16_rate / 1e9:.0f} bf16 → dense bound {bound:,.0f} tokens/s")
-        init = calibrated_init(D, F, x, args.target_l0, seed=0)
-        for config in args.configs:
-            path, dtype = config.split("/")
-            r = time_saescope(init, x, path, dtype, args.steps, args.warmup)
-            row[f"saescope {config}"] = r
-            print(f"  saescope {config:11s} {r['tokens_per_s']:9,.0f} tokens/s  {r['tokens_per_s'] / bound:5.2f}× bound  "
-                  f"({r['bound_fraction_adjacent']:.2f}× against products timed beside each step; "
-                  f"{r['s_per_step']:.3f} s/step, L0 {r['l0']:.0f})")
+        for target_l0 in args.target_l0:
+            init = calibrated_init(D, F, x, target_l0, seed=0)
+            suffix = "" if target_l0 == args.target_l0[0] else f" L0={target_l0:g}"
+            for config in args.configs:
+                path, dtype = config.split("/")
+                r = time_saescope(init, x, path, dtype, args.steps, args.warmup)
+                row[f"saescope {config}{suffix}"] = r
+                print(f"  saescope {config:11s} {r['tokens_per_s']:9,.0f} tokens/s  {r['tokens_per_s'] / bound:5.2f}× bound  "
+                      f"({r['bound_fraction_adjacent']:.2f}× against products timed beside each step; "
+                      f"{r['s_per_step']:.3f} s/step, L0 {r['l0']:.0f})")
+        init = calibrated_init(D, F, x, args.target_l0[0], seed=0)
         if args.saelens_python:
             for dtype in ("fp32", "bf16"):
                 r = time_saelens(args.saelens_python, init, x, dtype, args.steps, args.warmup, args.threads)
@@ -293,6 +297,7 @@ def main() -> None:
                     print(f"  sae-lens {dtype}: {r}")
                     continue
                 best = max((v["tokens_per_s"] for k, v in row.items() if k.startswith("saescope") and k.endswith(dtype)), default=0)
+                # (keys of the first L0 end with the dtype; sweep entries carry an "L0=" suffix)
                 print(f"  sae-lens {dtype:16s} {r['tokens_per_s']:9,.0f} tokens/s  {r['tokens_per_s'] / bound:5.2f}× bound  "
                       f"(L0 {r['l0']:.0f}); saescope's best {dtype} is {best / r['tokens_per_s']:.2f}× it")
         else:
@@ -311,7 +316,7 @@ def main() -> None:
                   f"SAE-tokens/s, peak RSS {r['peak_rss_gib']:.2f} GiB")
             if args.multi_saelens and args.saelens_python:
                 x_multi = synthetic_batch(B, D, seed=0)
-                init = calibrated_init(D, args.multi_width, x_multi, args.target_l0, seed=0)
+                init = calibrated_init(D, args.multi_width, x_multi, args.target_l0[0], seed=0)
                 s = time_saelens(args.saelens_python, init, x_multi, dtype, args.multi_rounds, 1, args.threads, n_saes=args.multi)
                 results[f"multi saelens {dtype}"] = s
                 if isinstance(s, str):

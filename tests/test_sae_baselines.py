@@ -14,6 +14,16 @@ from saescope.sae.relu import ReLUSAE
 from saescope.sae.topk import TopKSAE
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds waiting, and on a busy machine a lot of it
+    (a 600-step loop took 50 s on 2 contended threads, 2.5 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make(architecture: str, d_in=16, d_sae=64, k=4, **kw) -> SAE:
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=k, **kw))

@@ -13,6 +13,16 @@ from saescope.sae.jumprelu import JumpReLUSAE
 import saescope.sae.jumprelu_step as step_module
 from saescope.sae.jumprelu_step import jumprelu_step
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds waiting, and on a busy machine a lot of it
+    (a 600-step loop took 50 s on 2 contended threads, 2.5 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # --- a plain autograd reference, straight from the paper's equations --------------------------
 
 
@@ -310,9 +320,9 @@ def test_recovers_known_sparse_dictionary():
     torch.manual_seed(0)
     sae = JumpReLUSAE(SAEConfig(d_in=d_in, d_sae=256, bandwidth=0.05, threshold_init=0.1))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3, betas=(0.0, 0.999))
-    steps, lam = 600, 0.05
+    steps, lam = 1000, 0.05
     for step in range(steps):
-        out = sae.loss(sample(256) / scale, lam * min(1.0, step / 200))
+        out = sae.loss(sample(256) / scale, lam * min(1.0, step / 300))
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         sae.remove_parallel_decoder_grad_()

@@ -31,7 +31,8 @@ Two paths compute the same gradients:
            forward, ∂L/∂W_dec and ∂L/∂W_enc touch only the active latents, and ∂L/∂f is needed
            only where a latent is active or in θ's window (a sampled matrix product).
 ``auto``   (default) chooses per step: sparse when fewer than :data:`SPARSE_DENSITY` of the
-           (token, latent) pairs lie above θ − ε/2 (and the step is not tiny).
+           (token, latent) pairs lie above θ − ε/2 (3 % in fp32, 1 % in bf16; tiny steps stay
+           dense).
 
 Under ``torch.autocast`` with a 16-bit dtype the dense products run in that dtype (the master
 weights, θ, the threshold comparisons and every gradient stay fp32); the sparse path runs its
@@ -49,7 +50,11 @@ from saescope.sae.workspace import POOL
 
 PATHS = ("auto", "dense", "sparse")
 #: ``auto`` takes the sparse path below this fraction of (token, latent) pairs with π > θ − ε/2 …
-SPARSE_DENSITY = 0.05
+#: The break-even does not depend on d_in or the width (both paths scale with them alike), but
+#: on how much faster dense products are than gathers: 16-bit products are ~5× faster on AMX
+#: CPUs, so they stay dense down to a lower density.  Estimated with benchmarks/train_step.py
+#: (``--target-l0`` sweep) on a 2-thread Xeon: fp32 ~3 %, bf16 ~1 %.
+SPARSE_DENSITY = {None: 0.03, torch.bfloat16: 0.01, torch.float16: 0.01}
 #: … and only for steps of at least this many (token, latent) pairs (below, per-op overhead wins)
 SPARSE_MIN_SIZE = 2**20
 
@@ -107,7 +112,7 @@ class _JumpReLUStep(torch.autograd.Function):
         if path == "auto" and B * F >= SPARSE_MIN_SIZE:  # tiny "auto" steps stay dense
             n_sampled = min(B, 512)  # the batch is shuffled: its first rows tell the density
             sample_BF = torch.gt(scores_BF[:n_sampled], window_start_F, out=window_BF[:n_sampled])
-            sparse = int(torch.count_nonzero(sample_BF)) < SPARSE_DENSITY * sample_BF.numel()
+            sparse = int(torch.count_nonzero(sample_BF)) < SPARSE_DENSITY[low_dtype] * sample_BF.numel()
         if sparse:
             torch.gt(scores_BF[n_sampled:], window_start_F, out=window_BF[n_sampled:])
 
