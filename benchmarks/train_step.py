@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -190,7 +189,7 @@ def time_saelens(python: str, init, x, dtype: str, steps: int, warmup: int, thre
         np.savez(file, x=x.numpy(), **{n: t.numpy() for n, t in init.items()})
         cmd = [python, __file__, "--saelens-worker", str(file), "--dtype", dtype, "--steps", str(steps),
                "--warmup", str(warmup), "--threads", str(threads), "--n-saes", str(n_saes)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -220,7 +219,7 @@ def run_multi(args, dtype: str) -> dict | str:
     cmd = [sys.executable, __file__, "--multi-worker", "--n-saes", str(args.multi), "--multi-width", str(args.multi_width),
            "--dtype", dtype, "--steps", str(args.multi_rounds), "--threads", str(args.threads), "--batch", str(args.batch),
            "--d-in", str(args.d_in), "--target-l0", str(args.target_l0[0]), "--adam", args.adam]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -147,11 +147,12 @@ def _read_arrays(file: Path) -> dict[str, np.ndarray]:
     """Every array in a params file, as float32 numpy arrays, after checking their dtypes."""
     raw: dict[str, Any] = {}
     if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(file))
-        except Exception as e:  # safetensors raises its own error types
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
         for name, t in tensors.items():
             dtype = str(t.dtype).removeprefix("torch.")
@@ -264,8 +265,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj, dict):  # a malformed file, reported like every other (cli prints ValueError)
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
     return obj
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from saescope.release import export_safetensors, load_sae, release_folder, save_sae, width_label
+from saescope.release import (
+    export_safetensors,
+    load_sae,
+    release_folder,
+    save_sae,
+    width_label,
+)
 from saescope.sae.base import SAEConfig
 from saescope.sae.registry import build_sae
 from saescope.sites import Site

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
+import saescope.sae.jumprelu_step as step_module
 from saescope.sae.base import SAEConfig
 from saescope.sae.jumprelu import JumpReLUSAE
-import saescope.sae.jumprelu_step as step_module
 from saescope.sae.jumprelu_step import jumprelu_step
 
 

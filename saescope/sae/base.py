@@ -49,7 +49,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -157,7 +157,7 @@ class SAE(nn.Module):
 
     # --- arrays (params.npz) -----------------------------------------------------------------
 
-    def to_arrays(self) -> dict[str, "torch.Tensor"]:
+    def to_arrays(self) -> dict[str, torch.Tensor]:
         """The released arrays, float32, on CPU (names as in Gemma Scope's files)."""
         return {name: getattr(self, name).detach().float().cpu() for name in self.array_names}
 

@@ -24,7 +24,7 @@ import torch
 class Lease:
     """Exclusive use of one buffer set, until :meth:`release` or until it is garbage-collected."""
 
-    __slots__ = ("_buffers", "released", "__weakref__")
+    __slots__ = ("__weakref__", "_buffers", "released")
 
     def __init__(self, buffers: dict[str, torch.Tensor]):
         self._buffers = buffers
