@@ -120,11 +120,11 @@ class _JumpReLUStep(torch.autograd.Function):
         ctx.device_type = device.type
         ctx.save_for_backward(x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F)
         if sparse:
-            x_hat_BD, fired_F = _sparse_forward(ctx, scores_BF, window_BF, bias_F if low else None,
-                                                W_dec_FD, b_dec_D, threshold_F, half)
+            low_bias_F = bias_F if low_dtype is not None else None  # 16-bit scores lack the bias
+            x_hat_BD, fired_F = _sparse_forward(ctx, scores_BF, window_BF, low_bias_F, W_dec_FD, b_dec_D, threshold_F, half)
             lease.release()  # everything the backward needs is in compact index form now
         else:
-            if low:  # π in fp32
+            if low_dtype is not None:  # π in fp32
                 scores_BF = lease.get("pre", (B, F), torch.float32, device).copy_(scores_BF).add_(bias_F)
             x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
             ctx.lease = lease
