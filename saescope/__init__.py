@@ -10,6 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
+# Names only, never a submodule's name (``harvest``, ``evaluate``): binding a function there would
+# shadow the submodule for ``import saescope.harvest``.
 _LAZY = {
     "Site": "saescope.sites",
     "select_sites": "saescope.sites",
@@ -25,7 +27,6 @@ _LAZY = {
     "save_sae": "saescope.release",
     "splice": "saescope.evaluate.splice",
     "load_corpus": "saescope.tokens",
-    "harvest": "saescope.harvest",
     "HarvestConfig": "saescope.harvest",
     "ActivationStore": "saescope.store",
     "StoreReader": "saescope.store",
@@ -33,7 +34,6 @@ _LAZY = {
     "Recipe": "saescope.train.recipe",
     "SAESpec": "saescope.train.spec",
     "Trainer": "saescope.train.trainer",
-    "evaluate": "saescope.evaluate.suite",
 }
 
 __all__ = sorted(_LAZY)
