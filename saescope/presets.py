@@ -26,7 +26,7 @@ class RunConfig:
     architecture: str = "jumprelu"
     widths: tuple[int, ...] = (2048,)
     #: λ sweep (JumpReLU/ReLU) — several L0s per site
-    sparsity_coefficients: tuple[float, ...] = (1e-3, 3e-3)
+    sparsity_coefficients: tuple[float, ...] = (2e-4, 1e-3)
     #: k sweep (TopK/BatchTopK)
     ks: tuple[int, ...] = ()
     train_tokens: int = 200_000
@@ -82,23 +82,33 @@ class RunConfig:
 
 
 PRESETS: dict[str, RunConfig] = {
-    # ~15 minutes on 2 CPU cores: every site of Gemma 3 270M, two λ per site.
+    # ~15 minutes on 2 CPU cores: every site of Gemma 3 270M, two λ per site.  Sized by FLOPs:
+    # 108 SAEs × 10·d_in·width per token is the training cost; evaluation pays one partial
+    # forward plus the 262k-word head per SAE and loss token; features pay the head per latent.
     "default": RunConfig(
-        description="Embedded default on CPU: 54 sites × 2 λ, width 2048, 200k tokens (~15 min on 2 cores)",
-        lr=1e-3,
+        description="Embedded default on CPU: 54 sites × 2 λ, width 1024, 65k tokens (~15 min on 2 cores)",
+        widths=(1024,),
+        train_tokens=65_536,
+        eval_tokens=4_096,
+        eval_loss_tokens=256,
+        feature_tokens=8_192,
+        seq_len=256,
+        batch_size=512,
+        lr=2e-3,
+        checkpoint_every=25,
     ),
     # ~3 minutes on 2 CPU cores: the same pipeline, smaller everything.
     "quick": RunConfig(
-        description="Smoke run on CPU: 54 sites × 2 λ, width 512, 40k tokens (~3 min on 2 cores)",
-        widths=(512,),
-        train_tokens=40_960,
-        eval_tokens=2_048,
-        eval_loss_tokens=256,
-        feature_tokens=4_096,
+        description="Smoke run on CPU: 54 sites × 2 λ, width 256, 16k tokens (~3-5 min on 2 cores)",
+        widths=(256,),
+        train_tokens=16_384,
+        eval_tokens=1_024,
+        eval_loss_tokens=64,
+        feature_tokens=2_048,
         seq_len=128,
-        batch_size=512,
-        lr=2e-3,
-        checkpoint_every=20,
+        batch_size=256,
+        lr=3e-3,
+        checkpoint_every=16,
     ),
     # The paper's recipe on Gemma 2 2B (Gemma Scope Table 1: all sites at 16.4K width, 4B
     # tokens; λ swept to give several L0s).  Needs a GPU, the hub (or a local copy of the
