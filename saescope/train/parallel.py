@@ -145,7 +145,7 @@ class DataParallelTrainer(Trainer):
     def _estimate_scales(self) -> dict[Site, float]:
         reduce = lambda sums: all_reduce_(sums, "sum", what="summing the input-scale estimate")
         return estimate_input_scales(self.source, self.sites, batch_size=self.recipe.batch_size,
-                                     n_tokens=self.recipe.scale_estimate_tokens, seed=self.data_seed,
+                                     n_tokens=self.scale_estimate_tokens, seed=self.data_seed,
                                      reduce_sums=reduce)
 
     def _open_log(self, start: int):

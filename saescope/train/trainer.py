@@ -249,8 +249,14 @@ class Trainer:
         """C per site before step 0 (a seam: data parallelism sums the estimate over ranks)."""
         return estimate_input_scales(
             self.source, self.sites, batch_size=self.recipe.batch_size,
-            n_tokens=self.recipe.scale_estimate_tokens, seed=self.data_seed,
+            n_tokens=self.scale_estimate_tokens, seed=self.data_seed,
         )
+
+    @property
+    def scale_estimate_tokens(self) -> int:
+        """Tokens read to estimate C: the recipe's figure, but never more than the run trains on
+        (a short run over an online source would otherwise compute activations twice over)."""
+        return min(self.recipe.scale_estimate_tokens, self.n_steps * self.recipe.batch_size)
 
     def _open_log(self, start: int) -> RunLog:
         """The metrics log (a seam: under data parallelism only rank 0 writes one)."""
