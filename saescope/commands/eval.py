@@ -13,18 +13,11 @@ from config.json or the folder path (``--kind`` for folders that name only the l
 from __future__ import annotations
 
 import argparse
+
+from saescope.commands import positive_int as _int
 from pathlib import Path
 
 
-def _int(text: str) -> int:
-    """Whole numbers written as 65536, 65_536 or 6.5e4."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return int(value)
 
 
 def add_parser(subparsers) -> None:

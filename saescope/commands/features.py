@@ -11,19 +11,13 @@ Then look at it with ``saescope browse RUN``.
 from __future__ import annotations
 
 import argparse
+
+from saescope.commands import positive_int as _int
 import json
 import time
 from pathlib import Path
 
 
-def _int(text: str) -> int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return int(value)
 
 
 def add_parser(subparsers) -> None:
