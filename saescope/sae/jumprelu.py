@@ -52,17 +52,7 @@ class JumpReLUSAE(SAE):
             x_BD, self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.threshold,
             bandwidth=self.cfg.bandwidth, centre_input=self.cfg.centre_input, path=self.step_path,
         )
-        mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
-        sparsity = sparsity_coefficient * l0
-        return LossOutput(
-            total=mse + sparsity,
-            mse=mse.detach(),
-            sparsity=sparsity.detach(),
-            aux=torch.zeros((), device=x_BD.device),
-            l0=l0.detach(),
-            fired_F=fired_F,
-            x_hat_BD=x_hat_BD.detach(),
-        )
+        return l0_penalised_loss(x_BD, x_hat_BD, l0, fired_F, sparsity_coefficient)
 
     @torch.no_grad()
     def clamp_threshold_(self, minimum: float = 1e-6) -> None:
@@ -72,3 +62,20 @@ class JumpReLUSAE(SAE):
 
     def _fold_extra(self, scale: float) -> None:
         self.threshold.mul_(scale)  # θ′ = C·θ
+
+
+def l0_penalised_loss(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, l0: torch.Tensor, fired_F: torch.Tensor,
+                      sparsity_coefficient: float) -> LossOutput:
+    """The JumpReLU objective from a step's outputs: ‖x − x̂‖² (summed over D, mean over B) + λ·L0.
+    Shared by the whole and the latent-sharded SAE, so both optimise exactly the same loss."""
+    mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
+    sparsity = sparsity_coefficient * l0
+    return LossOutput(
+        total=mse + sparsity,
+        mse=mse.detach(),
+        sparsity=sparsity.detach(),
+        aux=torch.zeros((), device=x_BD.device),
+        l0=l0.detach(),
+        fired_F=fired_F,
+        x_hat_BD=x_hat_BD.detach(),
+    )

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from saescope.sae.base import LossOutput, SAEConfig
-from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.jumprelu import JumpReLUSAE, l0_penalised_loss
 from saescope.sae.jumprelu_step import jumprelu_step
 
 
@@ -162,17 +162,7 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
             part_BD = part_BD - self.b_dec
         x_hat_BD = _SumOverShards.apply(part_BD, self.group)
         l0 = _SumOverShards.apply(l0_part, self.group)
-        mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
-        sparsity = sparsity_coefficient * l0
-        return LossOutput(
-            total=mse + sparsity,
-            mse=mse.detach(),
-            sparsity=sparsity.detach(),
-            aux=torch.zeros((), device=x_BD.device),
-            l0=l0.detach(),
-            fired_F=fired_F,
-            x_hat_BD=x_hat_BD.detach(),
-        )
+        return l0_penalised_loss(x_BD, x_hat_BD, l0, fired_F, sparsity_coefficient)
 
     @torch.no_grad()
     def reduce_grads(self, sae: ShardedJumpReLUSAE | None = None) -> None:
