@@ -81,6 +81,23 @@ class RunConfig:
         return replace(self, **changes)
 
 
+#: What every Gemma 2 2B preset shares: the paper's recipe and evaluation (§3, §4) on a GPU.
+_GEMMA_2_2B_PAPER = RunConfig(
+    model="google/gemma-2-2b",
+    corpus="hf:monology/pile-uncopyrighted",
+    eval_corpus="hf:monology/pile-uncopyrighted",
+    eval_tokens=2_048 * 1_024,
+    eval_loss_tokens=None,
+    feature_tokens=10_000_000,
+    seq_len=1_024,
+    batch_size=4_096,
+    source="store",
+    device="cuda",
+    checkpoint_every=10_000,
+    lr=7e-5,
+    b_dec_init="zeros",
+)
+
 PRESETS: dict[str, RunConfig] = {
     # ~15 minutes on 2 CPU cores: every site of Gemma 3 270M, two λ per site.  Sized by FLOPs:
     # 108 SAEs × 10·d_in·width per token is the training cost; evaluation pays one partial
@@ -113,45 +130,19 @@ PRESETS: dict[str, RunConfig] = {
     # The paper's recipe on Gemma 2 2B (Gemma Scope Table 1: all sites at 16.4K width, 4B
     # tokens; λ swept to give several L0s).  Needs a GPU, the hub (or a local copy of the
     # model) and a corpus of billions of tokens (e.g. 'hf:monology/pile-uncopyrighted').
-    "gemma-2-2b-16k": RunConfig(
+    "gemma-2-2b-16k": _GEMMA_2_2B_PAPER.replace(
         description="Gemma Scope recipe: Gemma 2 2B, all 78 sites, 16.4K width, 4B tokens, λ sweep",
-        model="google/gemma-2-2b",
-        corpus="hf:monology/pile-uncopyrighted",
-        eval_corpus="hf:monology/pile-uncopyrighted",
         widths=(16_384,),
         sparsity_coefficients=(2e-4, 4e-4, 6e-4, 1e-3, 2e-3),
         train_tokens=4_000_000_000,
-        eval_tokens=2_048 * 1_024,
-        eval_loss_tokens=None,
-        feature_tokens=10_000_000,
-        seq_len=1_024,
-        batch_size=4_096,
-        source="store",
-        device="cuda",
-        checkpoint_every=10_000,
-        lr=7e-5,
-        b_dec_init="zeros",
     ),
     # The paper's residual-stream ladder for one layer (Gemma Scope Fig. 4 style).
-    "gemma-2-2b-res12-ladder": RunConfig(
+    "gemma-2-2b-res12-ladder": _GEMMA_2_2B_PAPER.replace(
         description="Gemma 2 2B residual layer 12, widths 16K–524K, 8B tokens, λ sweep",
-        model="google/gemma-2-2b",
-        corpus="hf:monology/pile-uncopyrighted",
-        eval_corpus="hf:monology/pile-uncopyrighted",
         sites="layer_12/resid_post",
         widths=(16_384, 32_768, 65_536, 131_072, 262_144, 524_288),
         sparsity_coefficients=(4e-4, 6e-4, 1e-3),
         train_tokens=8_000_000_000,
-        eval_tokens=2_048 * 1_024,
-        eval_loss_tokens=None,
-        feature_tokens=10_000_000,
-        seq_len=1_024,
-        batch_size=4_096,
-        source="store",
-        device="cuda",
-        checkpoint_every=10_000,
-        lr=7e-5,
-        b_dec_init="zeros",
     ),
 }
 
