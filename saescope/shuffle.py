@@ -140,3 +140,22 @@ def shuffled_batches(
     finally:
         if pool:
             pool.shutdown(wait=False)  # a bucket being prefetched finishes loading, then is dropped
+
+
+class BucketedSource:
+    """Mixin for sources that cut their data into buckets: subclasses define ``_plan(seed,
+    epoch) -> list[Bucket]``, ``_load(bucket) -> {site: rows}`` and ``prefetch``; this gives them
+    :meth:`iter_batches`, the :class:`saescope.batches.BatchSource` method."""
+
+    prefetch: bool = False
+
+    def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
+        """Yield ``{site: x_BD}`` float32 CPU batches forever, deterministic in ``seed``."""
+        return shuffled_batches(
+            lambda epoch: self._plan(seed, epoch),
+            self._load,
+            batch_size,
+            seed=seed,
+            skip_batches=skip_batches,
+            prefetch=self.prefetch,
+        )

@@ -37,10 +37,10 @@ import torch
 
 from saescope.shuffle import (
     Bucket,
+    BucketedSource,
     default_buffer_tokens,
     group_pieces,
     rng,
-    shuffled_batches,
 )
 from saescope.sites import Site
 
@@ -290,7 +290,7 @@ class ActivationStore:
             raise RuntimeError(f"activation store {self.path}: corrupted or missing files: {', '.join(bad)}")
 
 
-class StoreReader:
+class StoreReader(BucketedSource):
     """Shuffled batches from an activation store: a :class:`saescope.batches.BatchSource`.
 
     Shards are cut into chunks of ``buffer_tokens // 16`` rows; each epoch the chunks are put in a
@@ -353,13 +353,3 @@ class StoreReader:
             out[site] = x
         return out
 
-    def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
-        """Yield ``{site: x_BD}`` float32 CPU batches forever, deterministic in ``seed``."""
-        return shuffled_batches(
-            lambda epoch: self._plan(seed, epoch),
-            self._load,
-            batch_size,
-            seed=seed,
-            skip_batches=skip_batches,
-            prefetch=self.prefetch,
-        )

@@ -22,10 +22,10 @@ from torch import nn
 
 from saescope.shuffle import (
     Bucket,
+    BucketedSource,
     default_buffer_tokens,
     group_pieces,
     rng,
-    shuffled_batches,
 )
 from saescope.sites import Site, capture, n_layers, site_width
 from saescope.tokens import TokenizedCorpus
@@ -80,7 +80,7 @@ def capture_kept(
     return {s: acts[s].flatten(0, 1).index_select(0, kept).to(device="cpu", dtype=dtype) for s in sites}
 
 
-class OnlineSource:
+class OnlineSource(BucketedSource):
     """Shuffled batches of activations computed on the fly from ``model`` over ``corpus``.
 
     ``device``: where the model runs (it is moved there); ``None`` keeps it where it is.
@@ -137,13 +137,3 @@ class OnlineSource:
                 parts[s].append(rows[s])
         return {s: torch.cat(parts[s]) for s in self.sites}
 
-    def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
-        """Yield ``{site: x_BD}`` float32 CPU batches forever, deterministic in ``seed``."""
-        return shuffled_batches(
-            lambda epoch: self._plan(seed, epoch),
-            self._load,
-            batch_size,
-            seed=seed,
-            skip_batches=skip_batches,
-            prefetch=self.prefetch,
-        )
