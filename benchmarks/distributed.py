@@ -6,9 +6,9 @@ CPU section (always): N JumpReLU SAEs on one site, fed random batches, stepped b
 
 * ``1 process x 2 threads``   every SAE in one process (the baseline);
 * ``site-parallel 2 x 1``     torchrun, 2 processes of 1 thread, each training its share of the
-                              SAEs (:func:`~saescope.train.distributed.assign_specs`); no communication;
+                              SAEs (:func:`~saescope.distributed.assign.assign_specs`); no communication;
 * ``data-parallel 2 x 1``     every SAE on both ranks, half of each batch each, gradients averaged
-                              (:class:`~saescope.train.distributed.GradAllReduce`);
+                              (:class:`~saescope.distributed.collectives.GradAllReduce`);
 * ``latent-parallel 2 x 1``   every SAE's latents split over the ranks
                               (:class:`~saescope.sae.sharded.ShardedJumpReLUSAE`).
 
@@ -79,7 +79,8 @@ def make_trainers(mode: str, args, rank: int, world: int):
     from saescope.sae.jumprelu import JumpReLUSAE
     from saescope.sae.sharded import ShardedJumpReLUSAE
     from saescope.sites import Site
-    from saescope.train.distributed import GradAllReduce, assign_specs
+    from saescope.distributed.assign import assign_specs
+    from saescope.distributed.collectives import GradAllReduce
     from saescope.train.recipe import Recipe
     from saescope.train.sae_trainer import SAETrainer
     from saescope.train.spec import sweep
@@ -128,7 +129,7 @@ def run_steps(mode: str, args, rank: int = 0, world: int = 1) -> dict:
 
 def worker(args) -> None:
     """One torchrun rank: time one mode, rank 0 prints a JSON line."""
-    from saescope.train.distributed import init_distributed, shutdown
+    from saescope.distributed.env import init_distributed, shutdown
 
     torch.set_num_threads(1)
     env = init_distributed("cpu")

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from saescope.harvest import HarvestConfig, harvest
+from saescope.activations.harvest import HarvestConfig, harvest
 from saescope.models import load_model
 from saescope.sites import Site, n_layers, run_to_layer, select_sites
-from saescope.store import StoreReader, human_bytes
-from saescope.stream import OnlineSource
+from saescope.activations.store import StoreReader, human_bytes
+from saescope.activations.online import OnlineSource
 from saescope.tokens import load_corpus, model_context_length
 
 

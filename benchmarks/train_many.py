@@ -32,9 +32,9 @@ from saescope.sae.registry import build_sae
 from saescope.sites import Site
 from saescope.train.recipe import Recipe
 from saescope.train.sae_trainer import SAETrainer
-from saescope.train.sources import InMemorySource
+from saescope.activations.source import InMemorySource
 from saescope.train.spec import SAESpec
-from saescope.train.trainer import Trainer
+from saescope.train.trainer import Trainer, TrainOptions
 
 
 def peak_memory(device: torch.device) -> str:
@@ -79,8 +79,8 @@ def main() -> None:
     # --- Trainer.fit end to end first (so the CPU's peak RSS so far is its own): source reads,
     # scale estimate, all steps, one checkpoint, no release ---
     with tempfile.TemporaryDirectory() as out:
-        fit = Trainer(source, specs, recipe, out, n_steps=n_steps, checkpoint_every=10**9, log_every=10**9,
-                      device=device, progress=False, release=False)
+        options = TrainOptions(device=str(device), checkpoint_every=10**9, log_every=10**9, progress=False)
+        fit = Trainer(source, specs, recipe, out, n_steps=n_steps, options=options)
         start = time.perf_counter()
         fit.fit()
         sync(device)

@@ -10,8 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Names only, never a submodule's name (``harvest``, ``evaluate``): binding a function there would
-# shadow the submodule for ``import saescope.harvest``.
+# Names only, never a submodule's name (``evaluate``, ``release``): binding a function there would
+# shadow the submodule.
 _LAZY = {
     "Site": "saescope.sites",
     "select_sites": "saescope.sites",
@@ -23,14 +23,17 @@ _LAZY = {
     "BatchTopKSAE": "saescope.sae.batchtopk",
     "ReLUSAE": "saescope.sae.relu",
     "build_sae": "saescope.sae.registry",
-    "load_sae": "saescope.release",
-    "save_sae": "saescope.release",
+    "load_sae": "saescope.release.load",
+    "load_release": "saescope.release.load",
+    "save_sae": "saescope.release.save",
     "splice": "saescope.evaluate.splice",
     "load_corpus": "saescope.tokens",
-    "HarvestConfig": "saescope.harvest",
-    "ActivationStore": "saescope.store",
-    "StoreReader": "saescope.store",
-    "OnlineSource": "saescope.stream",
+    "harvest": "saescope.activations.harvest",
+    "HarvestConfig": "saescope.activations.harvest",
+    "InMemorySource": "saescope.activations.source",
+    "ActivationStore": "saescope.activations.store",
+    "StoreReader": "saescope.activations.store",
+    "OnlineSource": "saescope.activations.online",
     "Recipe": "saescope.train.recipe",
     "SAESpec": "saescope.train.spec",
     "Trainer": "saescope.train.trainer",

@@ -14,12 +14,12 @@ folder made with another configuration is refused, naming the settings that diff
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from saescope.jsonio import write_json
 from saescope.presets import RunConfig
 
 STAGES = ("train", "eval", "report", "features")
@@ -49,9 +49,7 @@ class RunState:
 
     def finish(self, stage: str, seconds: float, **info) -> None:
         self.data["stages"][stage] = {"seconds": round(seconds, 1), **info}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
 
 def _norm(value):
@@ -79,10 +77,12 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) ->
         _summarise(out, state, log)
         return state.data
 
+    from saescope.distributed.env import resolve_device
     from saescope.models import load_model
     from saescope.sites import n_layers, select_sites
     from saescope.tokens import load_corpus, model_context_length
 
+    cfg = cfg.replace(device=str(resolve_device(cfg.device)))  # "auto" -> where it runs (no result changes)
     model, tokenizer = load_model(cfg.model, device=cfg.device)
     context = model_context_length(model)
     sites = select_sites(cfg.sites, n_layers(model))
@@ -108,8 +108,10 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) ->
             summary = evaluate_release(release, model, eval_corpus, EvalConfig(loss_tokens=cfg.eval_loss_tokens, zero_ablation=cfg.zero_ablation,
                                                             progress=progress),
                                        model_name=cfg.model)
-            canonical = choose_canonical(summary["saes"], cfg.canonical_l0)
-            (release / "canonical.json").write_text(json.dumps(canonical, indent=2))
+            from saescope.release.metrics import choose_canonical, write_canonical
+
+            candidates = ((folder, m["site"], m.get("l0")) for folder, m in summary["saes"].items())
+            write_canonical(release, choose_canonical(candidates, cfg.canonical_l0))
             info.update(n_saes=len(summary["saes"]), eval_tokens=eval_corpus.n_tokens)
 
     if not state.done("report"):
@@ -134,13 +136,13 @@ def _wanted_stages(cfg: RunConfig) -> list[str]:
 
 
 def _activation_source(cfg, model, tokenizer, corpus, sites, out: Path, progress: bool):
-    """The trainer's :class:`~saescope.batches.BatchSource`: online, or a harvested store."""
+    """The trainer's :class:`~saescope.activations.source.BatchSource`: online, or a harvested store."""
     if cfg.source == "online":
-        from saescope.stream import OnlineSource
+        from saescope.activations.online import OnlineSource
 
         return OnlineSource(model, corpus, sites)
-    from saescope.harvest import HarvestConfig, harvest
-    from saescope.store import StoreReader
+    from saescope.activations.harvest import HarvestConfig, harvest
+    from saescope.activations.store import StoreReader
 
     store = harvest(model, tokenizer, corpus, sites, out / "store",
                     HarvestConfig(dtype=cfg.store_dtype, model_name=cfg.model, progress=progress))
@@ -149,33 +151,23 @@ def _activation_source(cfg, model, tokenizer, corpus, sites, out: Path, progress
 
 def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
     from saescope.train.recipe import Recipe
-    from saescope.train.trainer import Trainer, sweep
+    from saescope.train.run import release_results
+    from saescope.train.spec import sweep
+    from saescope.train.trainer import Trainer, TrainOptions
 
     specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
                   sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, seed=cfg.seed)
     recipe = Recipe.for_steps(cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, dtype=cfg.dtype,
                               b_dec_init=cfg.b_dec_init,
                               scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
-    trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, checkpoint_every=cfg.checkpoint_every,
-                      device=cfg.device, data_seed=cfg.seed, model_name=cfg.model, progress=progress)
-    folders = trainer.fit()
-    stopped = {t.name: str(t.error) for t in trainer.trainers if t.error is not None}
+    options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress)
+    trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, data_seed=cfg.seed, model_name=cfg.model,
+                      options=options)
+    results = trainer.fit()
+    folders = release_results(trainer, results)
+    stopped = {r.spec.name: str(r.error) for r in results if r.error is not None}
     return {"n_saes": len(folders), "stopped": stopped, "steps": cfg.n_steps,
             "tokens": cfg.n_steps * cfg.batch_size}
-
-
-def choose_canonical(saes: dict[str, dict], target_l0: float) -> dict[str, str]:
-    """Per site, the SAE whose average L0 is closest to ``target_l0`` (Gemma Scope's rule with
-    target 100; ties go to the sparser SAE).  Returns ``{site: relative release folder}``."""
-    best: dict[str, tuple[float, float, str]] = {}
-    for folder, m in saes.items():
-        l0 = m.get("l0")
-        if l0 is None:
-            continue
-        key = (abs(l0 - target_l0), l0, folder)
-        if m["site"] not in best or key < best[m["site"]]:
-            best[m["site"]] = key
-    return {site: key[2] for site, key in sorted(best.items())}
 
 
 def _summarise(out: Path, state: RunState, log) -> None:

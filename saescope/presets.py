@@ -11,62 +11,52 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from saescope.settings import TrainSettings
+
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything ``saescope run`` needs.  Stages: tokens → activations → train → eval →
-    report → features."""
+class RunConfig(TrainSettings):
+    """Everything ``saescope run`` needs (its training settings are :class:`TrainSettings`'s).
+    Stages: tokens → activations → train → eval → report → features."""
 
+    #: 'gemma-3-270m', a local model folder, a .gguf file or a hub id
     model: str = "gemma-3-270m"
-    #: training corpus; held-out evaluation tokens come from a disjoint set of documents
+    #: training corpus ('wiki-vital', 'python-docs', a path, 'hf:<name>'; '+' joins); held-out
+    #: evaluation tokens come from a disjoint set of documents
     corpus: str = "wiki-vital"
-    #: evaluation corpus (several subsets: the paper's per-subset analysis)
+    #: held-out evaluation corpus (its subsets are reported separately: the paper's per-subset analysis)
     eval_corpus: str = "wiki-vital+python-docs"
-    sites: str = "all"
-    architecture: str = "jumprelu"
-    widths: tuple[int, ...] = (2048,)
-    #: λ sweep (JumpReLU/ReLU) — several L0s per site
-    sparsity_coefficients: tuple[float, ...] = (2e-4, 1e-3)
-    #: k sweep (TopK/BatchTopK)
-    ks: tuple[int, ...] = ()
-    train_tokens: int = 200_000
+    #: held-out tokens for evaluation
     eval_tokens: int = 8_192
     #: held-out tokens scored for the LM-loss metrics (delta loss, CE recovered, KL): each SAE
-    #: costs one partial forward plus Gemma's 262k-word head per token; None = every eval token
+    #: costs one partial forward plus Gemma's 262k-word head per token; none = every eval token
     eval_loss_tokens: int | None = 1_024
     #: zero-ablation forward per site, for CE loss recovered
     zero_ablation: bool = True
+    #: tokens scanned for the feature browser
     feature_tokens: int = 16_384
-    seq_len: int = 256
-    batch_size: int = 1_024
-    #: "online": activations computed while training (no disk); "store": harvest to disk first
-    source: str = "online"
-    store_dtype: str = "float32"
-    #: training precision: "float32" (the paper) or "bfloat16" autocast
-    dtype: str = "float32"
-    #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
-    lr: float = 7e-5
-    #: b_dec at step 0: "zeros" (the paper) or "mean" (short runs; see Recipe.b_dec_init)
-    b_dec_init: str = "mean"
+    #: online: activations computed while training (no disk); store: harvest to disk first
+    source: str = field(default="online", metadata={"choices": ("online", "store")})
+    #: on-disk activation dtype
+    store_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: canonical SAE per site = average L0 closest to this (the paper's rule uses 100)
     canonical_l0: float = 100.0
-    device: str = "cpu"
-    seed: int = 0
-    checkpoint_every: int = 100
     #: collect per-latent feature data for the browser
     features: bool = True
-    description: str = ""
+    description: str = field(default="", metadata={"flag": False})
 
     def __post_init__(self) -> None:
         if self.source not in ("online", "store"):
             raise ValueError(f"source must be 'online' or 'store', got {self.source!r}")
-        if self.train_tokens < self.batch_size:
+        if self.train_tokens is not None and self.train_tokens < self.batch_size:
             raise ValueError(f"train_tokens ({self.train_tokens}) is below one batch ({self.batch_size})")
         if not self.widths:
             raise ValueError("no SAE width given")
 
     @property
     def n_steps(self) -> int:
+        if self.train_tokens is None:
+            raise ValueError("a run needs train_tokens (--tokens)")
         return self.train_tokens // self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +70,10 @@ class RunConfig:
             raise ValueError(f"unknown run setting(s): {', '.join(unknown)}")
         return replace(self, **changes)
 
+
+#: What the CPU presets share beyond :class:`TrainSettings`' defaults: two λ per site, b_dec at the
+#: data mean (a run of a few hundred steps cannot learn Gemma's large activation mean otherwise).
+_CPU = dict(sparsity_coefficients=(2e-4, 1e-3), b_dec_init="mean", device="cpu")
 
 #: What every Gemma 2 2B preset shares: the paper's recipe and evaluation (§3, §4) on a GPU.
 _GEMMA_2_2B_PAPER = RunConfig(
@@ -112,6 +106,7 @@ PRESETS: dict[str, RunConfig] = {
         seq_len=256,
         batch_size=512,
         lr=2e-3,
+        **_CPU,
         checkpoint_every=25,
     ),
     # ~3 minutes on 2 CPU cores: the same pipeline, smaller everything.
@@ -125,6 +120,7 @@ PRESETS: dict[str, RunConfig] = {
         seq_len=128,
         batch_size=256,
         lr=3e-3,
+        **_CPU,
         checkpoint_every=16,
     ),
     # The paper's recipe on Gemma 2 2B (Gemma Scope Table 1: all sites at 16.4K width, 4B

@@ -2,13 +2,17 @@
 
 ``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SCENARIO OUT``:
 
-* ``kill OUT``: distributed harvest into OUT/store_dist, then data-parallel training into
-  OUT/dp_resumed; launched twice with an injected failure (first in the harvest, then in the
-  training), so that ``all`` resumes both.
-* ``all OUT``: finish the distributed harvest; site-parallel training from OUT/store (written by
-  the test beforehand); data-parallel training, uninterrupted (OUT/dp) and resumed
-  (OUT/dp_resumed); the latent-sharded SAE's forward/loss/gradients and a few trainer steps;
-  latent-parallel training; online site-parallel training.
+One launch per scenario, so that one failure does not take the others down:
+
+* ``harvest OUT``: distributed harvest into OUT/store_dist (launched once with an injected
+  failure, then again to resume);
+* ``site OUT``: site-parallel training from OUT/store (written by the test beforehand);
+* ``dp OUT`` / ``dp_resumed OUT``: data-parallel training, uninterrupted, and killed then resumed;
+* ``sharded OUT``: the latent-sharded SAE's forward/loss/gradients and a few trainer steps;
+* ``latent OUT``: latent-parallel training;
+* ``online OUT``: online site-parallel training;
+* ``online_serve OUT``: online site-parallel training where rank 1 has no SAE and the run is
+  shorter than the scale estimate (rank 1 must serve exactly the batches rank 0 reads).
 
 The test recomputes each result in one process and compares.  Every shared setting lives here.
 """
@@ -24,9 +28,10 @@ from conftest import build_tiny_corpus, build_tiny_model
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from saescope.sites import Site, select_sites
-from saescope.train.distributed import FAILURE_VAR as FAILURE_VAR_NAME  # noqa: F401 (used by the test)
+from saescope.distributed.env import FAILURE_VAR as FAILURE_VAR_NAME  # noqa: F401 (used by the test)
 from saescope.train.recipe import Recipe
 from saescope.train.spec import sweep
+from saescope.train.trainer import TrainOptions
 
 # --- shared settings -------------------------------------------------------------------------
 
@@ -37,7 +42,7 @@ SITES = select_sites("resid_post,mlp_out@1", 3)
 SITE_SPECS = sweep(SITES, [32, 64], sparsity_coefficients=[1e-3])
 STEPS = 6
 RECIPE = Recipe.for_steps(STEPS, batch_size=32, lr=1e-3, scale_estimate_tokens=64)
-TRAIN_KW = dict(n_steps=STEPS, checkpoint_every=2, log_every=2, progress=False, final_steps=2)
+TRAIN_KW = dict(n_steps=STEPS, options=TrainOptions(checkpoint_every=2, log_every=2, progress=False), final_steps=2)
 
 DP_SITE = Site(0, "resid_post")
 DP_SPECS = sweep([DP_SITE], [64], sparsity_coefficients=[1e-2, 3e-2])
@@ -50,7 +55,7 @@ def dp_recipe(batch_size: int = DP_BATCH) -> Recipe:
 
 
 def dp_source():
-    from saescope.train.sources import InMemorySource
+    from saescope.activations.source import InMemorySource
 
     g = torch.Generator().manual_seed(7)
     return InMemorySource({DP_SITE: 2.0 * torch.randn(320, 24, generator=g) + 0.5})
@@ -81,6 +86,10 @@ SHARD_STEPS = 4
 ONLINE_SITES = select_sites("resid_post@0,resid_post@2,mlp_out@1", 3)
 ONLINE_SPECS = sweep(ONLINE_SITES, [32], sparsity_coefficients=[1e-3])
 ONLINE = dict(seqs_per_forward=4, buffer_tokens=64)
+#: one site: rank 1 owns no SAE; 2 steps of 32 rows, fewer than the 320 tokens of the C estimate
+SERVE_SPECS = sweep(ONLINE_SITES[:1], [32], sparsity_coefficients=[1e-3])
+SERVE_STEPS = 2
+SERVE_RECIPE = Recipe.for_steps(SERVE_STEPS, batch_size=32, lr=1e-3, scale_estimate_tokens=320)
 
 
 class ConcatSource:
@@ -108,8 +117,8 @@ def initial_weights(spec) -> dict[str, torch.Tensor]:
 
 
 def online_local_source(model, corpus, rank, world):
-    from saescope.stream import OnlineSource
-    from saescope.train.online_parallel import corpus_share
+    from saescope.activations.online import OnlineSource
+    from saescope.distributed.exchange import corpus_share
 
     return OnlineSource(model, corpus_share(corpus, rank, world), ONLINE_SITES, **ONLINE)
 
@@ -118,17 +127,17 @@ def online_local_source(model, corpus, rank, world):
 
 
 def run_harvest(out: Path, env) -> None:
-    from saescope.harvest import HarvestConfig
-    from saescope.harvest_dist import harvest_distributed
+    from saescope.activations.harvest import HarvestConfig
+    from saescope.activations.harvest import harvest as harvest_distributed
 
     model, corpus = build_tiny_model(**MODEL), build_tiny_corpus(**CORPUS)
     harvest_distributed(model, None, corpus, SITES, out / "store_dist", HarvestConfig(**HARVEST), env=env)
 
 
 def run_site_parallel(out: Path, env) -> None:
-    from saescope.shuffle import default_buffer_tokens
-    from saescope.store import ActivationStore, StoreReader
-    from saescope.train.parallel import train_site_parallel
+    from saescope.activations.shuffle import default_buffer_tokens
+    from saescope.activations.store import ActivationStore, StoreReader
+    from saescope.distributed.modes import train_site_parallel
 
     store = ActivationStore(out / "store")
     buffer = default_buffer_tokens(sum(store.d_in.values()))
@@ -137,14 +146,13 @@ def run_site_parallel(out: Path, env) -> None:
 
 
 def run_data_parallel(out: Path, env) -> None:
-    from saescope.train.parallel import DataParallelTrainer
+    from saescope.distributed.modes import train_data_parallel
 
-    kw = dict(TRAIN_KW, n_steps=DP_STEPS, release=False)
-    DataParallelTrainer(dp_source(), DP_SPECS, dp_recipe(), out, env=env, **kw).fit()
+    train_data_parallel(dp_source(), DP_SPECS, dp_recipe(), out, env=env, **dict(TRAIN_KW, n_steps=DP_STEPS))
 
 
 def run_latent_parallel(out: Path, env) -> None:
-    from saescope.train.latent_parallel import train_latent_parallel
+    from saescope.distributed.modes import train_latent_parallel
 
     train_latent_parallel(dp_source(), LATENT_SPECS, dp_recipe(), out, env=env, **dict(TRAIN_KW, n_steps=DP_STEPS))
 
@@ -180,36 +188,39 @@ def run_sharded(out: Path, env) -> None:
     save_file({k: v.detach().contiguous() for k, v in result.items()}, str(out / f"sharded_rank{env.rank}.safetensors"))
 
 
-def run_online(out: Path, env) -> None:
-    from saescope.train.online_parallel import train_online_site_parallel
+def run_online(out: Path, env, specs=ONLINE_SPECS, recipe=RECIPE, kw=TRAIN_KW, name="online") -> None:
+    from saescope.distributed.modes import train_online_site_parallel
 
     model, corpus = build_tiny_model(**MODEL), build_tiny_corpus(**CORPUS)
     local = online_local_source(model, corpus, env.rank, env.world_size)
-    train_online_site_parallel(local, ONLINE_SPECS, RECIPE, out / "online", env=env,
-                               **dict(TRAIN_KW, release=False))
+    train_online_site_parallel(local, specs, recipe, out / name, env=env, **kw)
+
+
+SCENARIOS = {
+    "harvest": lambda out, env: run_harvest(out, env),
+    "site": lambda out, env: run_site_parallel(out, env),
+    "dp": lambda out, env: run_data_parallel(out / "dp", env),
+    "dp_resumed": lambda out, env: run_data_parallel(out / "dp_resumed", env),
+    "sharded": lambda out, env: run_sharded(out, env),
+    "latent": lambda out, env: run_latent_parallel(out / "latent", env),
+    "online": lambda out, env: run_online(out, env),
+    "online_serve": lambda out, env: run_online(out, env, SERVE_SPECS, SERVE_RECIPE,
+                                                dict(TRAIN_KW, n_steps=SERVE_STEPS), "online_serve"),
+}
 
 
 @record
 def main() -> None:
-    from saescope.train.distributed import init_distributed, shutdown
+    from saescope.distributed.env import init_distributed, shutdown
 
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    torch.set_num_threads(1)
-    env = init_distributed("cpu")
-    if scenario == "kill":
-        run_harvest(out, env)
-        run_data_parallel(out / "dp_resumed", env)
-    elif scenario == "all":
-        run_harvest(out, env)
-        run_site_parallel(out, env)
-        run_data_parallel(out / "dp", env)
-        run_data_parallel(out / "dp_resumed", env)
-        run_sharded(out, env)
-        run_latent_parallel(out / "latent", env)
-        run_online(out, env)
-    else:
+    if scenario not in SCENARIOS:
         raise SystemExit(f"unknown scenario {scenario!r}")
-    (out / f"done_rank{env.rank}.json").write_text(json.dumps({"rank": env.rank, "world": env.world_size}))
+    torch.set_num_threads(1)
+    # a collective that waits longer than this is a hang (a rank making other calls than its peers)
+    env = init_distributed("cpu", timeout_s=90)
+    SCENARIOS[scenario](out, env)
+    (out / f"done_{scenario}_rank{env.rank}.json").write_text(json.dumps({"rank": env.rank, "world": env.world_size}))
     shutdown()
 
 

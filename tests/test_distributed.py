@@ -1,15 +1,16 @@
 """torchrun scaling, tested with 2 CPU processes (gloo) launched from pytest.
 
-Three launches of tests/distributed_worker.py: two that lose rank 1 (in the harvest, then in
-training) and ``all``, which resumes both and runs every other scenario; the tests recompute each
-result in this single process and compare:
+One launch of tests/distributed_worker.py per scenario (so one failure does not take the others
+down); the harvest and one data-parallel run are launched twice, the first time losing rank 1.
+The tests recompute each result in this single process and compare:
 
 * distributed harvest == single-process harvest, byte for byte;
 * site-parallel training == single-process training of the same SAEs, bit for bit;
 * data-parallel, 2 ranks × 16 rows == 1 process × 32 rows, within float rounding;
 * latent-sharded SAE == unsharded (init, forward, loss, gradients, trained weights), and
   latent-parallel training releases what one device would;
-* online site-parallel == one process fed the same rows, bit for bit.
+* online site-parallel == one process fed the same rows, bit for bit, also when a rank owns no
+  SAE in a run shorter than the input-scale estimate (it serves the batches its peers read).
 
 The killed launches fail naming the rank, and the relaunch finishes with the uninterrupted run's
 results (the resumed store equals the single-process one; resumed training equals, bit for bit,
@@ -32,15 +33,12 @@ import torch
 import torch.distributed as dist
 from conftest import build_tiny_corpus, build_tiny_model
 
-from saescope.harvest import HarvestConfig, harvest
+from saescope.activations.harvest import HarvestConfig, harvest
+from saescope.distributed.assign import assign_specs
+from saescope.distributed.env import DistEnv, init_distributed, maybe_inject_failure
 from saescope.sites import Site
 from saescope.train.checkpoint import CheckpointDir
-from saescope.train.distributed import (
-    DistEnv,
-    assign_specs,
-    init_distributed,
-    maybe_inject_failure,
-)
+from saescope.train.run import train_and_release
 from saescope.train.spec import SAESpec, sweep
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -76,10 +74,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The reference store (one process); two ``kill`` launches, each losing rank 1 (harvest: an
-    error after its second shard group; training: SIGKILL at batch 5), with what they left; then
-    the ``all`` launch, which resumes both and runs every other scenario."""
+def out(tmp_path_factory):
+    """The reference store (one process), shared by every scenario's launch."""
     out = tmp_path_factory.mktemp("distributed")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,21 +84,52 @@ def runs(tmp_path_factory):
                 HarvestConfig(**w.HARVEST))
     finally:
         torch.set_num_threads(before)
-    kills = {}
-    proc = torchrun("kill", str(out), env={w.FAILURE_VAR_NAME: "rank=1,step=5,at=shard"})
-    kills["harvest"] = (proc, sorted(p.name for p in (out / "store_dist/.harvest_parts").glob("*.json")),
-                        json.loads((out / "store_dist/manifest.json").read_text())["complete"])
-    proc = torchrun("kill", str(out), env={w.FAILURE_VAR_NAME: "rank=1,step=5,mode=kill"})
-    latest = CheckpointDir(out / "dp_resumed/checkpoints").latest()
-    kills["train"] = (proc, latest and latest[0], store_contents(out / "store_dist")[1:])
-    proc = torchrun("all", str(out))
-    assert proc.returncode == 0, output(proc)
-    return out, kills
+    return out
+
+
+def launch(scenario: str, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = torchrun(scenario, str(out), env=env)
+    if env is None:
+        assert proc.returncode == 0, output(proc)
+    return proc
 
 
 @pytest.fixture(scope="module")
-def launched(runs):
-    return runs[0]
+def harvested(out):
+    """The distributed harvest: killed once (rank 1 fails after its second shard group), with
+    what it left, then relaunched to finish."""
+    proc = launch("harvest", out, env={w.FAILURE_VAR_NAME: "rank=1,step=5,at=shard"})
+    killed = (proc, sorted(p.name for p in (out / "store_dist/.harvest_parts").glob("*.json")),
+              json.loads((out / "store_dist/manifest.json").read_text())["complete"])
+    launch("harvest", out)
+    return out, killed
+
+
+@pytest.fixture(scope="module")
+def data_parallel(out):
+    launch("dp", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(data_parallel):
+    """Data-parallel training SIGKILLed at batch 5 on rank 1, then relaunched."""
+    out = data_parallel
+    proc = launch("dp_resumed", out, env={w.FAILURE_VAR_NAME: "rank=1,step=5,mode=kill"})
+    latest = CheckpointDir(out / "dp_resumed/checkpoints").latest()
+    launch("dp_resumed", out)
+    return out, (proc, latest and latest[0])
+
+
+@pytest.fixture(scope="module")
+def launched(out, request):
+    """``out`` after the launch of the scenario the test names with ``@pytest.mark.scenario``."""
+    launch(request.param, out)
+    return out
+
+
+def scenario(name: str):
+    return pytest.mark.parametrize("launched", [name], indirect=True)
 
 
 def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -120,7 +147,8 @@ def store_contents(root: Path) -> tuple[dict[str, bytes], list[dict], bool]:
 # --- distributed (2 processes) ------------------------------------------------------------------
 
 
-def test_distributed_harvest_equals_single_process(launched):
+def test_distributed_harvest_equals_single_process(harvested):
+    launched = harvested[0]
     files, shards, complete = store_contents(launched / "store_dist")
     ref_files, ref_shards, ref_complete = store_contents(launched / "store")
     assert complete and ref_complete
@@ -128,11 +156,13 @@ def test_distributed_harvest_equals_single_process(launched):
     assert files.keys() == ref_files.keys() and all(files[k] == ref_files[k] for k in files)
 
 
+@scenario("site")
 def test_site_parallel_training_is_bit_identical(launched, one_thread, tmp_path):
-    from saescope.store import StoreReader
+    from saescope.activations.store import StoreReader
     from saescope.train.trainer import Trainer
 
-    Trainer(StoreReader(launched / "store", prefetch=False), w.SITE_SPECS, w.RECIPE, tmp_path, **w.TRAIN_KW).fit()
+    train_and_release(Trainer(StoreReader(launched / "store", prefetch=False), w.SITE_SPECS, w.RECIPE, tmp_path,
+                              **w.TRAIN_KW))
     want = final_state(tmp_path)
     got = {**final_state(launched / "site/ranks/rank_0"), **final_state(launched / "site/ranks/rank_1")}
     assert sorted(got) == sorted(want) == sorted(s.name for s in w.SITE_SPECS)
@@ -157,10 +187,11 @@ def test_site_parallel_training_is_bit_identical(launched, one_thread, tmp_path)
     assert not (launched / "site/ranks/rank_0/release").exists()
 
 
-def test_data_parallel_equals_one_process_with_the_global_batch(launched, one_thread, tmp_path):
+def test_data_parallel_equals_one_process_with_the_global_batch(data_parallel, one_thread, tmp_path):
     from saescope.train.trainer import Trainer
 
-    Trainer(w.dp_source(), w.DP_SPECS, w.dp_recipe(), tmp_path, **dict(w.TRAIN_KW, n_steps=w.DP_STEPS, release=False)).fit()
+    launched = data_parallel
+    train_and_release(Trainer(w.dp_source(), w.DP_SPECS, w.dp_recipe(), tmp_path, **dict(w.TRAIN_KW, n_steps=w.DP_STEPS)))
     want, got = final_state(tmp_path), final_state(launched / "dp")
     init = w.initial_weights(w.DP_SPECS[0])
     for name in want:
@@ -178,6 +209,7 @@ def test_data_parallel_equals_one_process_with_the_global_batch(launched, one_th
         assert a["metrics"]["average_l0"] == pytest.approx(b["metrics"]["average_l0"], rel=1e-5)
 
 
+@scenario("sharded")
 def test_latent_sharded_sae_equals_unsharded(launched):
     from safetensors.torch import load_file
 
@@ -212,10 +244,11 @@ def test_latent_sharded_sae_equals_unsharded(launched):
         torch.testing.assert_close(ranks[0][f"trained_{name}"], value, rtol=1e-4, atol=1e-5)
 
 
+@scenario("latent")
 def test_latent_parallel_training_releases_the_unsharded_result(launched, one_thread, tmp_path):
     from saescope.train.trainer import Trainer
 
-    Trainer(w.dp_source(), w.LATENT_SPECS, w.dp_recipe(), tmp_path, **dict(w.TRAIN_KW, n_steps=w.DP_STEPS)).fit()
+    train_and_release(Trainer(w.dp_source(), w.LATENT_SPECS, w.dp_recipe(), tmp_path, **dict(w.TRAIN_KW, n_steps=w.DP_STEPS)))
     want = json.loads((tmp_path / "train_summary.json").read_text())["saes"]
     got = json.loads((launched / "latent/train_summary.json").read_text())["saes"]
     assert [s["sae"] for s in got] == [s["sae"] for s in want]
@@ -230,12 +263,13 @@ def test_latent_parallel_training_releases_the_unsharded_result(launched, one_th
     assert shards[0][name]["sae.W_dec"].shape == (32, 24) == shards[1][name]["sae.W_dec"].shape
 
 
+@scenario("online")
 def test_online_site_parallel_feeds_each_rank_its_sites(launched, one_thread, tmp_path):
     from saescope.train.trainer import Trainer
 
     model, corpus = build_tiny_model(**w.MODEL), build_tiny_corpus(**w.CORPUS)
     Trainer(w.ConcatSource([w.online_local_source(model, corpus, r, 2) for r in range(2)]), w.ONLINE_SPECS,
-            w.RECIPE, tmp_path, **dict(w.TRAIN_KW, release=False)).fit()
+            w.RECIPE, tmp_path, **w.TRAIN_KW).fit()
     want = final_state(tmp_path)
     parts = [final_state(launched / f"online/ranks/rank_{r}") for r in range(2)]
     assert parts[0] and parts[1] and not parts[0].keys() & parts[1].keys()
@@ -246,24 +280,43 @@ def test_online_site_parallel_feeds_each_rank_its_sites(launched, one_thread, tm
             assert torch.equal(want[name][key], got[name][key]), (name, key)
 
 
-def test_killed_ranks_fail_clearly_and_relaunches_resume(runs):
-    """The job fails naming rank 1; the relaunch (``all``) finishes the harvest, dealing the
-    unwritten shard groups out again, and resumes training at step 4, ending bit-identical to the
-    uninterrupted run."""
-    out, kills = runs
-    proc, parts, complete = kills["harvest"]
+@scenario("online_serve")
+def test_a_rank_without_saes_serves_exactly_the_batches_the_others_read(launched, one_thread, tmp_path):
+    """Rank 1 owns no SAE and the run (2 × 32 rows) is shorter than the scale estimate (320
+    tokens): it must make the all-to-alls rank 0's trainer makes (2 for C, 2 for training), no
+    more — mirroring the estimate with another formula made it call 10 + 2 and hang the job."""
+    from saescope.train.trainer import Trainer
+
+    model, corpus = build_tiny_model(**w.MODEL), build_tiny_corpus(**w.CORPUS)
+    kw = dict(w.TRAIN_KW, n_steps=w.SERVE_STEPS)
+    Trainer(w.ConcatSource([w.online_local_source(model, corpus, r, 2) for r in range(2)]), w.SERVE_SPECS,
+            w.SERVE_RECIPE, tmp_path, **kw).fit()
+    want = final_state(tmp_path)
+    assert not (launched / "online_serve/ranks/rank_1/checkpoints").exists()  # no SAE there
+    got = final_state(launched / "online_serve/ranks/rank_0")
+    assert sorted(got) == sorted(want) == [s.name for s in w.SERVE_SPECS]
+    for name in want:
+        for key in want[name]:
+            assert torch.equal(want[name][key], got[name][key]), (name, key)
+
+
+def test_killed_ranks_fail_clearly_and_relaunches_resume(harvested, resumed):
+    """The job fails naming rank 1; the relaunch finishes the harvest, dealing the unwritten shard
+    groups out again (equal to one process's store: the harvest test), and resumes training at
+    step 4, ending bit-identical to the uninterrupted run."""
+    out, (proc, parts, complete) = harvested
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "rank 1 of 2: injected failure at shard 5" in log, output(proc)  # our message, via torchrun
     assert "rank      : 1" in log  # torchrun's summary names the first rank to fail
     assert parts and not complete  # finished groups wait in per-rank parts
 
-    proc, latest, store = kills["train"]
+    _, (proc, latest) = resumed
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "SIGKILL" in log and "rank      : 1" in log, output(proc)
     assert latest == 4  # checkpoints every 2 steps; rank 1 died at batch 5
-    assert store == store_contents(out / "store")[1:]  # the harvest resumed and finished first
+    assert store_contents(out / "store_dist")[1:] == store_contents(out / "store")[1:]  # the harvest resumed
 
     want, got = final_state(out / "dp"), final_state(out / "dp_resumed")
     for name in want:
@@ -312,7 +365,7 @@ def test_single_process_environment_and_clear_launch_errors(monkeypatch):
         maybe_inject_failure(2, env=DistEnv(rank=1, world_size=2))
 
 
-def test_train_command_under_a_torchrun_environment(launched, one_thread, tmp_path, monkeypatch):
+def test_train_command_under_a_torchrun_environment(out, one_thread, tmp_path, monkeypatch):
     """``saescope train`` as torchrun starts it (here a world of one process): site- and
     data-parallel runs release what the plain command releases."""
     from saescope.cli import main
@@ -320,7 +373,7 @@ def test_train_command_under_a_torchrun_environment(launched, one_thread, tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["train", "--store", str(launched / "store"), "--sites", "resid_post@1", "--widths", "32",
+    common = ["train", "--store", str(out / "store"), "--sites", "resid_post@1", "--widths", "32",
               "--tokens", "160", "--batch-size", "32", "--no-progress", "--device", "cpu"]
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0
     for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

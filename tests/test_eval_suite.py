@@ -276,7 +276,7 @@ def _release_with_model(tmp_path, tiny_model):
 
 
 def test_evaluate_release_writes_metrics_and_groups_by_memory(tmp_path, tiny_model):
-    from saescope.evaluate.folders import read_json
+    from saescope.jsonio import read_json
     from saescope.evaluate.suite import evaluate_release
     from saescope.tokens import load_corpus
 
@@ -289,14 +289,15 @@ def test_evaluate_release_writes_metrics_and_groups_by_memory(tmp_path, tiny_mod
     three_groups = evaluate_release(release, model, corpus, cfg, model_name="tiny", sae_memory_mb=0)
     assert one_group["saes"].keys() == three_groups["saes"].keys() and len(folders) == 3
     for folder in folders:
-        metrics = read_json(folder / "metrics.json")
-        assert metrics["training"] == {"train_l0": 12.5}  # the trainer's figures are kept apart
+        sections = read_json(folder / "metrics.json")
+        assert sections["training"] == {"train_l0": 12.5}  # the trainer's figures are kept apart
+        metrics = sections["eval"]
         assert metrics["site"] == read_json(folder / "config.json")["site"]
         for key in ("l0", "fvu", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
                     "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation"):
             assert math.isfinite(metrics[key]), key
-            assert metrics[key] == pytest.approx(first[folder][key], rel=1e-9), key
-        assert metrics["eval"]["model"] == "tiny"
+            assert metrics[key] == pytest.approx(first[folder]["eval"][key], rel=1e-9), key
+        assert metrics["info"]["model"] == "tiny"
     summary = read_json(release / "eval.json")
     assert summary["info"]["n_tokens"] == corpus.n_tokens
     assert set(summary["sites"]) == {"layer_0/mlp_out", "layer_2/resid_post"}

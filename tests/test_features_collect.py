@@ -17,6 +17,7 @@ from saescope.features.stats import (
     octave,
 )
 from saescope.sae.base import SAE, SAEConfig
+from saescope.sites import Site
 
 
 class TinyReLUSAE(SAE):
@@ -325,3 +326,26 @@ def test_blocked_topk_finds_the_topk_sets(width):
     top, bottom = blocked_topk(x, 30)
     assert torch.equal(top.sort(dim=1).values, x.topk(30, dim=1).indices.sort(dim=1).values)
     assert torch.equal(bottom.sort(dim=1).values, x.topk(30, dim=1, largest=False).indices.sort(dim=1).values)
+
+
+def test_features_read_every_folder_eval_reads(tmp_path):
+    """Bug fixed: ``saescope features`` skipped folders without config.json (Gemma Scope's) that
+    ``saescope eval`` and ``load_sae`` accept; both now find and place folders the same way."""
+    import numpy as np
+
+    from saescope.features.collect import load_release_saes
+    from saescope.release.layout import find_sae_folders
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "gemma-scope-2b-pt-mlp"
+    folder = root / "layer_3/width_16k/average_l0_71"
+    folder.mkdir(parents=True)
+    d_in, d_sae = 6, 16384
+    np.savez(folder / "params.npz", W_enc=rng.normal(size=(d_in, d_sae)).astype(np.float32),
+             W_dec=rng.normal(size=(d_sae, d_in)).astype(np.float32), b_enc=np.zeros(d_sae, np.float32),
+             b_dec=np.zeros(d_in, np.float32), threshold=np.full(d_sae, 0.1, np.float32))
+    saes, models = load_release_saes(root)
+    assert list(saes) == ["layer_3/width_16k/average_l0_71"] == [p.relative_to(root).as_posix()
+                                                                for p in find_sae_folders(root)]
+    site, sae = saes["layer_3/width_16k/average_l0_71"]
+    assert site == Site(3, "mlp_out") and sae.cfg.d_sae == d_sae and models == {"gemma-2-2b"}

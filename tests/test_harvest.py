@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from saescope.harvest import HarvestConfig, harvest
+from saescope.activations.harvest import HarvestConfig, harvest
 from saescope.sites import Site, capture, select_sites
-from saescope.store import MANIFEST, ActivationStore
+from saescope.activations.store import MANIFEST, ActivationStore
 
 CFG = HarvestConfig(shard_tokens=40, batch_seqs=3, progress=False)
 
@@ -131,17 +131,17 @@ def test_resume_after_sigkill_in_the_middle_of_a_shard(tiny_model, tiny_corpus, 
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import build_tiny_corpus, build_tiny_model
-        from saescope import harvest as H
+        from saescope.activations import harvest as H, writer as W
         from saescope.sites import select_sites
         writes = 0
-        original = H._HashingFile.write
+        original = W._HashingFile.write
         def write(self, data):
             global writes
             writes += 1
             if writes == 100:
                 os.kill(os.getpid(), signal.SIGKILL)
             original(self, data)
-        H._HashingFile.write = write
+        W._HashingFile.write = write
         model = build_tiny_model("gpt_neox")
         cfg = H.HarvestConfig(shard_tokens=40, batch_seqs=3, progress=False)
         H.harvest(model, None, build_tiny_corpus(), select_sites("all", 3), sys.argv[1], cfg)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from saescope.pipeline import RunState, choose_canonical
+from saescope.pipeline import RunState
+from saescope.release.metrics import choose_canonical
 from saescope.presets import PRESETS, RunConfig, get_preset
 
 
@@ -38,6 +39,7 @@ def test_canonical_is_closest_to_target_l0():
         "d": {"site": "layer_1/mlp_out", "l0": 300.0},
         "e": {"site": "layer_1/mlp_out", "l0": None},
     }
+    saes = [(name, m["site"], m["l0"]) for name, m in saes.items()]
     assert choose_canonical(saes, 100) == {"layer_0/resid_post": "c", "layer_1/mlp_out": "d"}
     assert choose_canonical(saes, 30)["layer_0/resid_post"] == "a"
 

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from saescope.release import (
     export_safetensors,
     load_sae,
+    read_release_folder,
     release_folder,
     save_sae,
     width_label,
@@ -65,8 +66,10 @@ def test_round_trip_is_exact(tmp_path, architecture):
     assert type(loaded) is type(sae) and loaded.cfg.centre_input is False and loaded.cfg.k == sae.cfg.k
     for name in sae.array_names:
         assert torch.equal(getattr(loaded, name), getattr(sae, name).detach())
-    assert loaded.release_config["model"] == "tiny" and loaded.release_config["d_sae"] == 40
-    assert loaded.release_metrics == {"fvu": 0.12}
+    record = read_release_folder(folder)  # what the folder says, beside the SAE (never on the module)
+    assert record.config["model"] == "tiny" and record.config["d_sae"] == 40
+    assert record.metrics == {"training": {"fvu": 0.12}}
+    assert not hasattr(loaded, "release_config") and torch.equal(record.sae.W_enc, loaded.W_enc)
     x = torch.randn(5, 12) * 3
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), sae(x))
@@ -114,7 +117,9 @@ def test_gemma_scope_folder_loads_and_encodes_like_their_tutorial(tmp_path, repo
     sae = load_sae(folder)
     assert sae.architecture == "jumprelu" and sae.cfg.centre_input is False
     assert sae.cfg.d_in == 6 and sae.cfg.d_sae == 16384
-    cfg = sae.release_config
+    record = read_release_folder(folder)
+    cfg = record.config
+    assert record.site == Site(20, kind) and record.name == "average_l0_71"
     assert cfg["site"] == f"layer_20/{kind}" and cfg["average_l0"] == 71 and cfg["width"] == "16k"
     assert cfg["model"] == ("gemma-2-9b" if "9b" in repo else "gemma-2-2b")
 

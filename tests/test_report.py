@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from saescope.evaluate.folders import write_json
+from saescope.jsonio import write_json
 from saescope.evaluate.metrics import LOG10_DENSITY_EDGES
 from saescope.evaluate.suite import position_bins
-from saescope.report.data import choose_canonical, load_report_data
+from saescope.report.data import canonical_entries, load_report_data
 from saescope.report.html import write_report
 from saescope.sites import SITE_KINDS, Site
 
@@ -33,7 +33,7 @@ def fake_metrics(site: Site, l0: float, rng: np.random.Generator) -> dict:
     d_sae = 1024
     density = 10 ** rng.normal(-2.5, 0.8, d_sae)
     counts, _ = np.histogram(np.clip(np.log10(density), -8, 0), bins=LOG10_DENSITY_EDGES)
-    return {
+    return {"eval": {
         "site": site.name, "d_in": 64, "d_sae": d_sae, **scalars,
         "by_subset": {s: {**scalars, "delta_loss": delta * (1 + 0.3 * i), "fvu": fvu * (1 + 0.1 * i)}
                       for i, s in enumerate(SUBSETS)},
@@ -44,8 +44,8 @@ def fake_metrics(site: Site, l0: float, rng: np.random.Generator) -> dict:
         },
         "firing_histogram": {"log10_density_edges": list(LOG10_DENSITY_EDGES), "counts": counts.tolist(),
                              "n_dead": 3},
-        "eval": {"corpus": "fake"},
-    }
+        "info": {"corpus": "fake"},
+    }}
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def release(tmp_path):
     fresh = root / "attn_z" / "layer_0" / "width_1k" / "average_l0_999"
     fresh.mkdir(parents=True)
     (fresh / "params.npz").write_bytes(b"")
-    write_json(fresh / "metrics.json", {"fvu": 0.2, "l0": 999.0})
+    write_json(fresh / "metrics.json", {"training": {"fvu": 0.2, "l0": 999.0}})
     return root
 
 
@@ -90,7 +90,7 @@ def test_canonical_is_l0_closest_to_target(release):
     data = load_report_data(release)
     site = Site(2, "mlp_out")
     assert abs(data.canonical[site].get("l0") - 100) < 20  # the average_l0_110 one
-    fifty = choose_canonical(data.entries, target_l0=50)
+    fifty = canonical_entries(data.entries, target_l0=50)
     assert abs(fifty[site].get("l0") - 60) < 10
     assert abs(load_report_data(release, canonical_l0=300).canonical[site].get("l0") - 300) < 40
     # the run's own choice (canonical.json) wins when no target is given

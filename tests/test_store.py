@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from saescope.batches import BatchSource
-from saescope.harvest import HarvestConfig, harvest
+from saescope.activations.source import BatchSource
+from saescope.activations.harvest import HarvestConfig, harvest
 from saescope.sites import Site, select_sites
-from saescope.store import ActivationStore, StoreReader
-from saescope.stream import OnlineSource
+from saescope.activations.store import ActivationStore, StoreReader
+from saescope.activations.online import OnlineSource
 
 SITES = select_sites("resid_post,attn_z@1", 3)
 

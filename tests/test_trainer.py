@@ -12,9 +12,11 @@ from saescope.sites import Site
 from saescope.train.checkpoint import CheckpointDir
 from saescope.train.recipe import Recipe
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
-from saescope.train.sources import InMemorySource
-from saescope.train.spec import SAESpec, partition_specs, sweep
-from saescope.train.trainer import Trainer, estimate_input_scales
+from saescope.activations.source import InMemorySource
+from saescope.train.plan import TrainPlan
+from saescope.train.run import release_results, train_and_release
+from saescope.train.spec import SAESpec, sweep
+from saescope.train.trainer import Trainer, TrainOptions, estimate_input_scales
 
 RESID, MLP = Site(0, "resid_post"), Site(1, "mlp_out")
 
@@ -102,9 +104,11 @@ SPECS = [
 
 
 def trainer(source, out, **kw):
-    kw = {"n_steps": 12, "checkpoint_every": 4, "log_every": 2, "progress": False, "release": False,
+    kw = {"n_steps": 12, "checkpoint_every": 4, "log_every": 2, "progress": False,
           "build_sae": TinySAE, "final_steps": 4, **kw}
-    return Trainer(source, kw.pop("specs", SPECS), kw.pop("recipe", RECIPE), out, **kw)
+    options = TrainOptions(**{k: kw.pop(k) for k in ("checkpoint_every", "log_every", "progress", "loggers") if k in kw})
+    plan = TrainPlan(build_sae=kw.pop("build_sae"))
+    return Trainer(source, kw.pop("specs", SPECS), kw.pop("recipe", RECIPE), out, options=options, plan=plan, **kw)
 
 
 def sae_trainer(d_in=16, d_sae=32, **kw):
@@ -187,24 +191,6 @@ def test_spec_names_validation_and_sweep():
     assert len(specs) == 8 and len({s.name for s in specs}) == 8
 
 
-def test_partition_keeps_sites_together_and_balances():
-    sites = [Site(layer, kind) for layer in range(4) for kind in ("resid_post", "attn_z", "mlp_out")]
-    specs = sweep(sites, [4096, 16384], sparsity_coefficients=[1e-3, 3e-3])
-    parts = [partition_specs(specs, 3, rank) for rank in range(3)]
-    assert sorted(s.name for p in parts for s in p) == sorted(s.name for s in specs)
-    owners = {}
-    for rank, part in enumerate(parts):
-        for s in part:
-            assert owners.setdefault(s.site, rank) == rank  # a site's SAEs all on one rank
-    assert [len(p) for p in parts] == [16, 16, 16]
-    assert parts == [partition_specs(specs, 3, rank) for rank in range(3)]  # deterministic
-    with pytest.raises(ValueError):
-        partition_specs(specs, 2, 2)
-
-
-# --- the multi-SAE trainer -------------------------------------------------------------------
-
-
 def test_input_scale_makes_mean_squared_norm_one():
     source = InMemorySource(make_data())
     scales = estimate_input_scales(source, [RESID, MLP], batch_size=64, n_tokens=512)
@@ -264,7 +250,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
 def test_nan_in_one_site_stops_only_its_saes(tmp_path):
     source = PoisonAt(InMemorySource(make_data()), MLP, step=6)
     run = trainer(source, tmp_path / "run")
-    run.fit()
+    release_results(run, run.fit(), folders=False)
     stopped = [t for t in run.trainers if t.error]
     assert [t.site for t in stopped] == [MLP]
     assert "step 6" in stopped[0].error and "layer_1/mlp_out" in stopped[0].error and "NaN" in stopped[0].error
@@ -399,12 +385,12 @@ def test_release_folders_are_written_and_loadable(tmp_path):
 
     data = make_data()
     source = InMemorySource(data)
-    run = trainer(source, tmp_path, specs=REAL_SPECS, build_sae=None, release=True, model_name="tiny-model")
-    folders = run.fit()
+    run = trainer(source, tmp_path, specs=REAL_SPECS, build_sae=None, model_name="tiny-model")
+    folders = train_and_release(run)
     assert len(folders) == len(REAL_SPECS)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     for spec, t, folder in zip(REAL_SPECS, run.trainers, folders):
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())["training"]
         config = json.loads((folder / "config.json").read_text())
         assert folder.parent == tmp_path / "release" / spec.site.kind / f"layer_{spec.site.layer}" / f"width_{spec.d_sae}"
         assert folder.name.startswith(f"average_l0_{round(metrics['average_l0'])}")
@@ -432,7 +418,7 @@ class SilentSAE(TinySAE):
 
 def test_same_rounded_l0_gets_distinct_folders(tmp_path):
     specs = [SAESpec(RESID, "tiny", 32, sparsity_coefficient=1e-3, seed=s) for s in (0, 1)]
-    folders = trainer(InMemorySource(make_data()), tmp_path, specs=specs, build_sae=SilentSAE, release=True).fit()
+    folders = train_and_release(trainer(InMemorySource(make_data()), tmp_path, specs=specs, build_sae=SilentSAE))
     assert [f.name for f in folders] == ["average_l0_0", "average_l0_0_2"]
     assert all((f / "params.npz").exists() for f in folders)
 
@@ -443,7 +429,7 @@ def test_cli_trains_from_a_store_and_resumes(tmp_path, capsys):
     from conftest import build_tiny_corpus, build_tiny_model
 
     from saescope.cli import main
-    from saescope.harvest import HarvestConfig, harvest
+    from saescope.activations.harvest import HarvestConfig, harvest
     from saescope.release import load_sae
 
     sites = [Site(1, "resid_post"), Site(1, "mlp_out")]

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from saescope.commands import positive_int as _int
 from pathlib import Path
 
-
+from saescope.commands import positive_int as _int
 
 
 def add_parser(subparsers) -> None:
@@ -49,7 +48,7 @@ def add_parser(subparsers) -> None:
 
 
 def _model_name(release: Path, given: str | None) -> str:
-    from saescope.evaluate.folders import find_sae_folders, folder_model
+    from saescope.release.layout import find_sae_folders, folder_model
 
     if given:
         return given
@@ -63,8 +62,7 @@ def _model_name(release: Path, given: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from saescope.distributed.env import resolve_device
     from saescope import defaults
     from saescope.evaluate.suite import EvalConfig, evaluate_release
     from saescope.models import load_model
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.release.exists():
         raise FileNotFoundError(f"release folder {args.release} does not exist")
     model_name = _model_name(args.release, args.model)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed,
                      zero_ablation=not args.no_zero_ablation, splice_bos=args.splice_bos,
                      progress=not args.no_progress)

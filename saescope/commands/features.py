@@ -1,6 +1,7 @@
 """``saescope features``: what every latent of a release does, for the feature browser.
 
-Reads every SAE under ``--release RUN/release`` (folders ``<kind>/layer_L/width_W/average_l0_K``),
+Reads every SAE under ``--release RUN/release`` (every folder ``saescope eval`` reads: ours,
+``<kind>/layer_L/width_W/average_l0_K``, and Gemma Scope's),
 runs ``--tokens`` tokens of ``--corpus`` through the model once, and writes
 ``RUN/features/features.sqlite`` (schema: ``saescope.features.store``, docs/features.md):
 per latent the top activating contexts, random contexts per activation octave, firing
@@ -12,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-from saescope.commands import positive_int as _int
-import json
 import time
 from pathlib import Path
 
-
+from saescope.commands import positive_int as _int
 
 
 def add_parser(subparsers) -> None:
+    from saescope.sites import SITE_KINDS
+
     p = subparsers.add_parser(
         "features",
         help="collect top contexts, frequencies and logit effects of every latent, for `saescope browse`",
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> None:
                    help="corpus split (default heldout: text the SAEs were not trained on)")
     p.add_argument("--tokens", type=_int, default=65_536, help="tokens to read (default 65536; raise it on a GPU)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--kind", choices=SITE_KINDS, help="site kind, for folders whose config and path do not say it")
     p.add_argument("--sites", default=None, help="only SAEs at these sites, e.g. resid_post or resid_post@3-5")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/features beside the release)")
     p.add_argument("--top-k", type=int, default=16, help="top contexts per latent (default 16)")
@@ -44,9 +46,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from saescope.distributed.env import resolve_device
     from saescope import defaults
+    from saescope.jsonio import write_json
     from saescope.features.collect import (
         FeatureConfig,
         collect_features,
@@ -56,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from saescope.sites import n_layers, select_sites
     from saescope.tokens import load_corpus
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    saes, model_names = load_release_saes(args.release, device=device)
+    device = str(resolve_device(args.device))
+    saes, model_names = load_release_saes(args.release, device=device, kind=args.kind)
     model_name = args.model or (model_names.pop() if len(model_names) == 1 else None)
     if model_name is None:
         named = ", ".join(sorted(model_names)) or "none"
@@ -79,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.time() - t0
     size = path.stat().st_size
     print(f"wrote {path} ({size / 2**20:.1f} MiB) in {seconds:.1f}s; browse with: saescope browse {out.parent}")
-    (out / "features_summary.json").write_text(json.dumps(
-        {"seconds": round(seconds, 2), "bytes": size, "n_saes": len(saes), "n_tokens": corpus.n_tokens}, indent=2))
+    write_json(out / "features_summary.json",
+               {"seconds": round(seconds, 2), "bytes": size, "n_saes": len(saes), "n_tokens": corpus.n_tokens})
     return 0

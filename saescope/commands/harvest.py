@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 
-from saescope.commands import positive_int as _int
 import time
 from pathlib import Path
 
-
+from saescope.commands import positive_int as _int
 
 
 def add_parser(subparsers) -> None:
@@ -59,20 +58,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from saescope.harvest import HarvestConfig, harvest
+    from saescope.distributed.env import resolve_device
+    from saescope.activations.harvest import HarvestConfig, harvest
     from saescope.models import load_model
     from saescope.sites import n_layers, select_sites
-    from saescope.store import human_bytes
+    from saescope.activations.store import human_bytes
     from saescope.tokens import load_corpus, model_context_length
-    from saescope.train.distributed import (
-        init_distributed,
-        launched_by_torchrun,
-        shutdown,
-    )
+    from saescope.distributed.env import init_distributed, launched_by_torchrun, shutdown
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     env = None
     if args.distributed or launched_by_torchrun():  # torchrun: one process per GPU, one store
         env = init_distributed(args.device, required=True)
@@ -96,19 +90,17 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     start = time.perf_counter()
-    if env is None:
-        store = harvest(model, tokenizer, corpus, sites, args.out / "store", cfg)
-    else:
-        from saescope.harvest_dist import harvest_distributed
-
-        try:
-            store = harvest_distributed(model, tokenizer, corpus, sites, args.out / "store", cfg, env=env)
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            raise RuntimeError(err if str(err).startswith(str(env)) else f"{env}: {err}") from err
-        finally:
+    try:
+        store = harvest(model, tokenizer, corpus, sites, args.out / "store", cfg, env=env)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if env is None or str(err).startswith(str(env)):
+            raise
+        raise RuntimeError(f"{env}: {err}") from err
+    finally:
+        if env is not None:
             shutdown()
-        if not env.is_main:
-            return 0
+    if env is not None and not env.is_main:
+        return 0
     elapsed = time.perf_counter() - start
     size = sum(f["bytes"] for g in store.shards for f in g["files"].values())
     print(

@@ -37,9 +37,9 @@ from torch import nn
 
 from saescope.evaluate import metrics as M
 from saescope.evaluate.batch import Accumulators, Batch, ZeroHook, position_bins, scored_positions
-from saescope.evaluate.folders import find_sae_folders, folder_site, read_json, write_json
 from saescope.evaluate.forward import vocab_size
 from saescope.evaluate.lm_scores import head_is_linear
+from saescope.jsonio import read_json, write_json
 from saescope.evaluate.splice import SpliceHook
 from saescope.sae.base import SAE
 from saescope.sites import Site
@@ -228,18 +228,22 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
     """Evaluate every SAE folder at or under ``root``; write each folder's ``metrics.json`` and
     ``<root>/eval.json`` (the run-level summary); return the latter's contents.
 
-    SAEs are loaded (with :func:`saescope.release.load_sae`) in groups of at most
-    ``sae_memory_mb`` of parameters; each group shares one clean pass per batch, so a release
-    that fits in one group (the usual case) computes the clean forward exactly once.  ``kind``
-    names the site kind for folders whose config and path do not (Gemma Scope's).  What a
-    ``metrics.json`` held before its first evaluation (the trainer's figures, measured on
-    training data) moves under its ``training`` key.
+    SAEs are read through :mod:`saescope.release` in groups of at most ``sae_memory_mb`` of
+    parameters; each group shares one clean pass per batch, so a release that fits in one group
+    (the usual case) computes the clean forward exactly once.  ``kind`` names the site kind for
+    folders whose config and path do not (Gemma Scope's).  Each folder's ``metrics.json`` gets its
+    ``eval`` section (the metrics, and ``info``: on what); its ``training`` section is kept.
     """
-    from saescope.release import load_sae
+    from saescope.release.layout import find_sae_folders, folder_site
+    from saescope.release.load import read_release_folder
+    from saescope.release.metrics import write_section
 
     root = Path(root)
     t0 = time.time()
-    entries = sorted((folder_site(f, read_json(f / "config.json"), kind), f) for f in find_sae_folders(root))
+    entries = []
+    for folder in find_sae_folders(root):
+        entries.append((folder_site(folder, read_json(folder / "config.json"), kind), folder))
+    entries.sort()
     device = str(next(model.parameters()).device)
     merged: dict = {"saes": {}, "sites": {}}
     group: dict[str, tuple[Site, SAE]] = {}
@@ -253,7 +257,7 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
         group.clear()
 
     for site, folder in entries:
-        sae = load_sae(folder, device=device)
+        sae = read_release_folder(folder, root, kind=kind, device=device).sae
         n_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
         if group and group_bytes + n_bytes > sae_memory_mb * 2**20:
             run_group()
@@ -266,9 +270,7 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
     summary = {"info": info, "sites": merged["sites"], "saes": {}}
     for site, folder in entries:
         sae_metrics = merged["saes"][str(folder)]
-        previous = read_json(folder / "metrics.json") or {}
-        training = previous.get("training") if "eval" in previous else previous  # the trainer's figures
-        write_json(folder / "metrics.json", {**sae_metrics, "eval": info, **({"training": training} if training else {})})
+        write_section(folder, "eval", {**sae_metrics, "info": info})
         relative = folder.relative_to(root).as_posix() if folder != root else "."
         summary["saes"][relative] = {"site": site.name, "d_sae": sae_metrics["d_sae"],
                                      **{k: sae_metrics.get(k) for k in SCALAR_METRICS}}

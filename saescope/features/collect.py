@@ -167,39 +167,19 @@ def _write_sae(writer, name, site, sae, col: SAECollector, lens: LogitLens, corp
     return logits_s
 
 
-def load_release_saes(root: Path | str, device: str = "cpu") -> tuple[dict[str, tuple[Site, torch.nn.Module]], set[str]]:
-    """Every SAE under a release folder: ``({name: (site, sae)}, {model names in their configs})``.
-
-    A release folder is any folder below ``root`` with a ``config.json`` and ``params.npz`` or
-    ``params.safetensors``; its name is its path under ``root``.  The site comes from the
-    config's ``site``, or else from the path (``<kind>/layer_<L>/...``).
-    """
-    import json
-
-    from saescope.release import load_sae
+def load_release_saes(root: Path | str, device: str = "cpu", *, kind: str | None = None
+                      ) -> tuple[dict[str, tuple[Site, torch.nn.Module]], set[str]]:
+    """Every SAE at or under a release folder, read through :func:`saescope.release.load_release`
+    (so every folder ``saescope eval`` accepts, Gemma Scope's included): ``({name: (site, sae)},
+    {model names in their configs})``; a name is the folder's path under ``root``."""
+    from saescope.release.load import load_release
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"release folder {root} does not exist")
-    saes, models = {}, set()
-    for config_path in sorted(root.rglob("config.json")):
-        folder = config_path.parent
-        if not any((folder / f).exists() for f in ("params.npz", "params.safetensors")):
-            continue
-        name = folder.relative_to(root).as_posix()
-        config = json.loads(config_path.read_text())
-        site_name = config.get("site")
-        if not site_name:
-            parts = name.split("/")
-            if len(parts) < 2:
-                raise ValueError(f"cannot tell the site of {folder}: its config.json has no 'site' and its path is not <kind>/layer_<L>/...")
-            site_name = f"{parts[1]}/{parts[0]}"
-        if config.get("model"):
-            models.add(str(config["model"]))
-        saes[name] = (Site.parse(site_name), load_sae(folder, device=device))
-    if not saes:
-        raise FileNotFoundError(f"no SAE folders (config.json + params.npz) under {root}")
-    return saes, models
+    released = load_release(root, kind=kind, device=device)
+    models = {str(r.config["model"]) for r in released if r.config.get("model")}
+    return {r.name: (r.site, r.sae) for r in released}, models
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ class LiveModel:
         return load_model(name)
 
     def _default_sae(self, row: dict):
-        from saescope.release import load_sae
+        from saescope.release.load import load_sae
 
         if not row.get("release_path"):
             raise RuntimeError(f"SAE {row['name']} has no release folder recorded, so it cannot run live")

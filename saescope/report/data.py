@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from saescope.evaluate.folders import find_sae_folders, folder_site, read_json
+from saescope.jsonio import read_json
+from saescope.release.layout import find_sae_folders, folder_name, folder_site, release_root
+from saescope.release.metrics import CANONICAL_L0, choose_canonical, read_canonical, read_metrics
 from saescope.sites import SITE_KINDS, Site
-
-#: Gemma Scope's rule: per site, the SAE whose average L0 is closest to 100
-CANONICAL_L0 = 100.0
 
 
 @dataclass
@@ -17,7 +16,7 @@ class SAEEntry:
     path: str  # relative to the release root
     site: Site
     d_sae: int
-    metrics: dict  # metrics.json
+    metrics: dict  # metrics.json's eval section
 
     def get(self, key: str) -> float:
         """A scalar metric, NaN when missing or null."""
@@ -45,22 +44,11 @@ class ReportData:
         return [e for site, e in sorted(self.canonical.items()) if site.kind == kind]
 
 
-def release_root(run_or_release: str | Path) -> Path:
-    """``<run>/release`` when given a run directory, else the folder itself."""
-    path = Path(run_or_release)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    return path / "release" if (path / "release").is_dir() else path
-
-
-def choose_canonical(entries: list[SAEEntry], target_l0: float = CANONICAL_L0) -> dict[Site, SAEEntry]:
-    """Per site, the SAE whose measured L0 is closest to ``target_l0`` (ties: the smaller L0)."""
-    best: dict[Site, SAEEntry] = {}
-    for e in entries:
-        key = (abs(e.get("l0") - target_l0), e.get("l0"))
-        if e.site not in best or key < (abs(best[e.site].get("l0") - target_l0), best[e.site].get("l0")):
-            best[e.site] = e
-    return best
+def canonical_entries(entries: list[SAEEntry], target_l0: float = CANONICAL_L0) -> dict[Site, SAEEntry]:
+    """Per site, the entry whose measured L0 is closest to ``target_l0`` (the release's rule)."""
+    by_path = {e.path: e for e in entries}
+    chosen = choose_canonical(((e.path, e.site, e.get("l0")) for e in entries), target_l0)
+    return {site: by_path[path] for site, path in chosen.items()}
 
 
 def load_report_data(run_or_release: str | Path, canonical_l0: float | None = None) -> ReportData:
@@ -70,9 +58,9 @@ def load_report_data(run_or_release: str | Path, canonical_l0: float | None = No
     root = release_root(run_or_release)
     entries, unevaluated = [], []
     for folder in find_sae_folders(root):
-        metrics = read_json(folder / "metrics.json")
-        relative = folder.relative_to(root).as_posix() if folder != root else folder.name
-        if not metrics or "eval" not in metrics:  # the trainer's metrics.json alone is not an evaluation
+        metrics = read_metrics(folder).get("eval")
+        relative = folder_name(folder, root)
+        if not metrics:  # the trainer's figures alone are not an evaluation
             unevaluated.append(relative)
             continue
         config = read_json(folder / "config.json")
@@ -84,10 +72,10 @@ def load_report_data(run_or_release: str | Path, canonical_l0: float | None = No
                                 "run `saescope eval` first")
     entries.sort(key=lambda e: (SITE_KINDS.index(e.site.kind), e.site.layer, e.get("l0"), e.path))
     info = (read_json(root / "eval.json") or {}).get("info", {})
-    canonical = choose_canonical(entries, CANONICAL_L0 if canonical_l0 is None else canonical_l0)
-    chosen = read_json(root / "canonical.json") if canonical_l0 is None else None
+    by_path = {e.path: e for e in entries}
+    canonical = canonical_entries(entries, CANONICAL_L0 if canonical_l0 is None else canonical_l0)
+    chosen = read_canonical(root) if canonical_l0 is None else None
     if chosen:
-        by_path = {e.path: e for e in entries}
         canonical.update({Site.parse(site): by_path[path] for site, path in chosen.items() if path in by_path})
     return ReportData(root, entries, canonical, info, unevaluated)
 

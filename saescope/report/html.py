@@ -9,7 +9,7 @@ import math
 import os
 from pathlib import Path
 
-from saescope.release import width_label
+from saescope.release.layout import width_label
 from saescope.report import plots
 from saescope.report.data import ReportData, load_report_data
 

@@ -26,14 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from saescope.jsonio import dumps, write_json
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,10 +56,10 @@ class CheckpointDir:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "run.json"
         if not path.exists():
-            write_json_atomic(path, run)
+            write_json(path, run, indent=1, sort_keys=True)
             return
         previous = json.loads(path.read_text())
-        differences = describe_differences(previous, json.loads(json.dumps(run)))
+        differences = describe_differences(previous, json.loads(dumps(run)))
         if differences:
             raise ValueError(
                 f"{self.root.parent} already holds a different training run ({'; '.join(differences)}); "
@@ -103,18 +96,30 @@ class CheckpointDir:
             save_file(named, str(path))
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-        with open(tmp / "state.json", "w") as f:
-            json.dump({"step": step, **state}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(tmp / "state.json", {"step": step, **state}, indent=1, sort_keys=True)
         _fsync_dir(tmp)
         if final.exists():  # a stale folder from a run killed before its pointer moved
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
-        write_json_atomic(self.root / "latest.json", {"step": step, "dir": name})
+        self._point_to(step, name)
         self._prune(keep_dir=final)
         return final
+
+    def _point_to(self, step: int, name: str) -> None:
+        write_json(self.root / "latest.json", {"step": step, "dir": name}, indent=1, sort_keys=True)
+
+    def step_back_to(self, step: int) -> None:
+        """Make the checkpoint of ``step`` (still on disk: ``keep`` ≥ 2) the latest, or start over
+        when ``step`` is 0 — what a rank does when the others resume from an earlier step."""
+        pointer = self.root / "latest.json"
+        if step == 0:
+            pointer.unlink(missing_ok=True)
+            return
+        name = f"step_{step:09d}"
+        if not (self.root / name / "state.json").exists():
+            raise RuntimeError(f"the checkpoint of step {step} ({self.root / name}) is no longer on disk")
+        self._point_to(step, name)
 
     def load(self, folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
         state = json.loads((folder / "state.json").read_text())

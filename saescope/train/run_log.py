@@ -1,7 +1,7 @@
 """Training metrics: one JSON object per line in ``<out>/train_log.jsonl``, plus, only when asked
 for and installed, TensorBoard or Weights & Biases.
 
-Records carry ``"step"`` (updates done so far).  On resume, records past the checkpoint's step
+Lines are strict JSON (NaN and Inf are written as ``null``, :mod:`saescope.jsonio`).  Records carry ``"step"`` (updates done so far).  On resume, records past the checkpoint's step
 (written by the killed run after its last checkpoint) are dropped, and a run restarted from
 scratch starts a new file, so the file always reads as one uninterrupted run.
 """
@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from saescope.jsonio import dumps
+
 LOGGERS = ("tensorboard", "wandb")
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def check_loggers(loggers: tuple[str, ...]) -> None:
@@ -31,6 +25,16 @@ def check_loggers(loggers: tuple[str, ...]) -> None:
             raise ValueError(f"unknown logger {logger!r}: use one of {', '.join(LOGGERS)}")
         if importlib.util.find_spec(logger) is None:
             raise RuntimeError(f"logger {logger!r} was asked for but is not installed (pip install {logger})")
+
+
+class NullLog:
+    """The metrics log of ranks that do not write one."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunLog:
@@ -70,7 +74,7 @@ class RunLog:
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
         name, step = record.get("sae"), record.get("step", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

@@ -1,4 +1,4 @@
-"""What to train: one :class:`SAESpec` per SAE, and how specs split across processes.
+"""What to train: one :class:`SAESpec` per SAE, and sweeps of them.
 
 A sweep is a list of specs (sites × widths × λ or k × architectures × seeds).  The trainer
 groups them by site, so each site's batch is read once and fed to every SAE of that site.
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from saescope.release import width_label
+from saescope.release.layout import width_label
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
@@ -108,29 +108,3 @@ def sweep(
     if duplicates:
         raise ValueError(f"duplicate SAEs in sweep: {', '.join(duplicates)}")
     return specs
-
-
-def partition_specs(
-    specs: list[SAESpec], world_size: int, rank: int, *, d_in: dict[Site, int] | None = None
-) -> list[SAESpec]:
-    """The specs process ``rank`` of ``world_size`` trains under site parallelism.
-
-    All SAEs of a site go to one rank (so each site's activations are read by one process
-    only).  Sites are dealt greedily, largest first, to the least-loaded rank, with a site's
-    load = Σ d_sae × d_in (proportional to its FLOPs per token; d_in defaults to 1).  Pure and
-    deterministic: every rank computes the same split from the same arguments.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad rank {rank} for world size {world_size}")
-    by_site: dict[Site, list[SAESpec]] = {}
-    for spec in specs:
-        by_site.setdefault(spec.site, []).append(spec)
-    d_in = d_in or {}
-    cost = {site: sum(s.d_sae for s in group) * d_in.get(site, 1) for site, group in by_site.items()}
-    load = [0] * world_size
-    owner: dict[Site, int] = {}
-    for site in sorted(by_site, key=lambda s: (-cost[s], s)):
-        target = min(range(world_size), key=lambda r: (load[r], r))
-        owner[site] = target
-        load[target] += cost[site]
-    return [spec for spec in specs if owner[spec.site] == rank]

@@ -9,44 +9,92 @@
    ``step`` via ``source.iter_batches(skip_batches=step)`` so a resumed run sees the same data in
    the same order, and ends with bit-identical weights;
 4. an SAE whose batch, loss or gradients go NaN/Inf stops with an error naming its site, step
-   and cause (logged, and in the summary); the others go on;
-5. at the end, folds C into a copy of each SAE and releases it in Gemma Scope's layout under
-   ``<out>/release``, named by the L0 measured over the last training batches.
+   and cause (logged, and in the results); the others go on;
+5. returns what it trained (:class:`TrainedSAE`: the SAE, its C, final metrics, tokens seen, or
+   its error).  Writing release folders is the release step's job
+   (:func:`saescope.train.run.train_and_release`).
 
-Distributed training slots in at two seams: :func:`saescope.train.spec.partition_specs` gives each
-rank its share of the sites (site parallelism), and ``reduce_grads`` (called inside every
-``SAETrainer`` between backward and the optimiser step) all-reduces gradients (data parallelism).
-:mod:`saescope.train.parallel` subclasses :class:`Trainer` through three more: ``rows_per_step``,
-``_estimate_scales`` and ``_open_log``.
+Which batches it reads is spelled out once, in :func:`planned_reads`, so a process that only
+serves data to the trainers of other ranks can ask instead of mirroring.  Parallelism enters only
+through the :class:`~saescope.train.plan.TrainPlan` it is given; knobs that change no result
+through :class:`TrainOptions`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from saescope.batches import BatchSource
+from saescope.activations.source import BatchSource
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sites import Site
-from saescope.train.checkpoint import CheckpointDir, write_json_atomic
+from saescope.train.checkpoint import CheckpointDir
+from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
-from saescope.train.run_log import RunLog, check_loggers
+from saescope.train.run_log import NullLog, RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
-from saescope.train.spec import SAESpec, partition_specs, sweep
+from saescope.train.spec import SAESpec
 
-__all__ = ["NonFiniteError", "SAESpec", "SAETrainer", "Trainer", "estimate_input_scales", "partition_specs", "sweep"]
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Knobs that change no result: where SAEs train and how often the run reports and saves."""
+
+    device: str = "cpu"
+    #: steps between checkpoints (and at the last step)
+    checkpoint_every: int = 1_000
+    #: checkpoints kept on disk (at least 2 under site parallelism: ranks may step back one)
+    keep_checkpoints: int = 2
+    #: steps between metric records (and at the last step)
+    log_every: int = 100
+    #: extra metric sinks, "tensorboard" and/or "wandb" (must be installed)
+    loggers: tuple[str, ...] = ()
+    #: show a progress bar
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+        check_loggers(tuple(self.loggers))
+
+
+@dataclass
+class TrainedSAE:
+    """What training made of one spec: the SAE in training form (inputs divided by ``scale``),
+    its final metrics (averaged over the run's last steps, normalised units), or its error."""
+
+    spec: SAESpec
+    sae: SAE
+    scale: float
+    metrics: dict[str, float] | None
+    tokens_seen: int
+    error: str | None
+
+
+def scale_estimate_batches(recipe: Recipe, n_steps: int) -> int:
+    """Batches read to estimate C: the recipe's tokens, but never more than the run trains on
+    (a short run over an online source would otherwise compute activations twice over)."""
+    tokens = min(recipe.scale_estimate_tokens, n_steps * recipe.batch_size)
+    return max(1, math.ceil(tokens / recipe.batch_size))
+
+
+def planned_reads(recipe: Recipe, n_steps: int, start: int) -> list[tuple[int, int]]:
+    """Every pass a run starting at ``start`` makes over its source, in order, as ``(first batch,
+    number of batches)``: the scale estimate (fresh runs only), then the training steps.  A run
+    whose SAEs all stop reads fewer training batches, never more."""
+    reads = [(0, scale_estimate_batches(recipe, n_steps))] if start == 0 else []
+    return reads + [(start, n_steps - start)]
 
 
 @torch.no_grad()
 def estimate_input_scales(
     source: BatchSource, sites: list[Site], *, batch_size: int, n_tokens: int, seed: int = 0,
-    reduce_sums: Callable[[torch.Tensor], None] | None = None,
+    reduce_sums=None,
 ) -> dict[Site, float]:
     """C per site = sqrt(mean ‖x‖²) over the first ``ceil(n_tokens / batch_size)`` batches.
 
@@ -79,19 +127,15 @@ class Trainer:
     """Train ``specs`` on ``source`` for ``n_steps`` batches (or ``total_tokens`` tokens).
 
     Args:
-        source: any :class:`~saescope.batches.BatchSource` holding every spec's site.
+        source: any :class:`~saescope.activations.source.BatchSource` holding every spec's site.
         specs: the SAEs to train (names must be unique).
         recipe: defaults to ``Recipe.for_steps(n_steps)``.
-        out_dir: the run folder (``checkpoints/``, ``train_log.jsonl``, ``release/``, summary).
-        checkpoint_every, log_every: in steps; both also happen at the last step.
-        device: where the SAEs train ("cpu", "cuda", "cuda:1", ...).
+        out_dir: the run folder (``checkpoints/``, ``train_log.jsonl``).
         data_seed: the source's shuffling seed.
-        model_name: recorded in the released configs (default: ``source.model_name`` if any).
-        build_sae: ``SAEConfig -> SAE`` (default: :func:`saescope.sae.registry.build_sae`).
-        reduce_grads: data-parallel hook given to every SAETrainer.
-        loggers: extra metric sinks, "tensorboard" and/or "wandb" (must be installed).
-        final_steps: the released SAE's metrics (and average L0) average this many last steps.
-        release: write release folders at the end (False: checkpoints and summary only).
+        model_name: recorded in the SAEs' metadata (default: ``source.model_name`` if any).
+        final_steps: the final metrics (and the released average L0) average this many last steps.
+        options: knobs that change no result (:class:`TrainOptions`).
+        plan: how this process takes part (:class:`~saescope.train.plan.TrainPlan`; default: alone).
     """
 
     def __init__(
@@ -103,18 +147,11 @@ class Trainer:
         *,
         n_steps: int | None = None,
         total_tokens: int | None = None,
-        checkpoint_every: int = 1_000,
-        log_every: int = 100,
-        device: str | torch.device = "cpu",
         data_seed: int = 0,
         model_name: str | None = None,
-        build_sae: Callable[[SAEConfig], SAE] | None = None,
-        reduce_grads: Callable[[SAE], None] | None = None,
-        loggers: tuple[str, ...] = (),
-        progress: bool = True,
-        keep_checkpoints: int = 2,
         final_steps: int = 100,
-        release: bool = True,
+        options: TrainOptions | None = None,
+        plan: TrainPlan | None = None,
     ):
         if not specs:
             raise ValueError("no SAEs to train")
@@ -134,27 +171,18 @@ class Trainer:
         self.n_steps = n_steps if n_steps is not None else math.ceil(total_tokens / batch_size)
         if self.n_steps < 1:
             raise ValueError(f"a run needs at least one step, got n_steps={self.n_steps}")
-        if checkpoint_every < 1 or log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
         self.recipe = recipe if recipe is not None else Recipe.for_steps(self.n_steps)
+        self.options = options or TrainOptions()
+        self.plan = plan or TrainPlan()
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
-        self.rows_per_step = self.recipe.batch_size
-        self.source = source
+        self.rows_per_step = self.plan.rows_per_step(self.recipe.batch_size)
+        self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
+        self.source = self.plan.local_source(source)
         self.specs = list(specs)
         self.out_dir = Path(out_dir)
-        self.checkpoint_every = checkpoint_every
-        self.log_every = log_every
-        self.device = torch.device(device)
+        self.device = torch.device(self.options.device)
         self.data_seed = data_seed
-        self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
-        self._build_sae = build_sae
-        self.reduce_grads = reduce_grads
-        self.loggers = tuple(loggers)
-        check_loggers(self.loggers)
-        self.progress = progress
-        self.keep_checkpoints = keep_checkpoints
         self.final_steps = final_steps
-        self.release = release
         self.sites = sorted({s.site for s in self.specs})
         self.trainers: list[SAETrainer] = []
         self.scales: dict[Site, float] = {}
@@ -170,13 +198,10 @@ class Trainer:
             "data_seed": self.data_seed,
             "d_in": {site.name: self.source.d_in[site] for site in self.sites},
             "model": self.model_name,
+            **self.plan.identity,
         }
 
     def _make_trainer(self, spec: SAESpec) -> SAETrainer:
-        if self._build_sae is None:
-            from saescope.sae.registry import build_sae
-        else:
-            build_sae = self._build_sae
         cfg = SAEConfig(
             d_in=self.source.d_in[spec.site],
             d_sae=spec.d_sae,
@@ -191,7 +216,7 @@ class Trainer:
         # weights on every device and whatever else was built before it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            sae = build_sae(cfg)
+            sae = self.plan.make_sae(cfg)
         scale = self.scales[spec.site]
         trainer = SAETrainer(
             sae.to(self.device),
@@ -201,7 +226,7 @@ class Trainer:
             input_scale=scale if math.isfinite(scale) else 1.0,
             name=spec.name,
             site=spec.site,
-            reduce_grads=self.reduce_grads,
+            reduce_grads=self.plan.reduce_grads,
             final_steps=self.final_steps,
         )
         if not math.isfinite(scale):
@@ -214,9 +239,9 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------
 
-    def fit(self) -> list[Path]:
-        """Train (resuming if possible), release, and return the release folders written."""
-        ckpt = CheckpointDir(self.out_dir / "checkpoints", keep=self.keep_checkpoints)
+    def fit(self) -> list[TrainedSAE]:
+        """Train (resuming if possible); return every spec's :class:`TrainedSAE`, in spec order."""
+        ckpt = CheckpointDir(self.out_dir / "checkpoints", keep=self.options.keep_checkpoints)
         ckpt.check_or_write_run(self.run_identity())
         ckpt.remove_partial()
         latest = ckpt.latest()
@@ -226,42 +251,34 @@ class Trainer:
             state, tensors = ckpt.load(folder)
             self.scales = {Site.parse(k): (v if v is not None else float("nan")) for k, v in state["scales"].items()}
         else:
-            self.scales = self._estimate_scales()
+            self.scales = estimate_input_scales(
+                self.source, self.sites, batch_size=self.recipe.batch_size, seed=self.data_seed,
+                n_tokens=planned_reads(self.recipe, self.n_steps, 0)[0][1] * self.recipe.batch_size,
+                reduce_sums=self.plan.reduce_sums,
+            )
         self.trainers = [self._make_trainer(spec) for spec in self.specs]
         if latest is not None:
             for t in self.trainers:
                 t.load_state(tensors[t.name], state["saes"][t.name])
 
-        log = self._open_log(start)
+        log = RunLog(self.out_dir / "train_log.jsonl", resume_step=start, loggers=self.options.loggers,
+                     run_name=self.out_dir.name) if self.plan.writes else NullLog()
         try:
             if start == 0:
                 log.write({"step": 0, "event": "input_scales",
-                           "scales": {s.name: _json_float(c) for s, c in self.scales.items()}})
+                           "scales": {s.name: c for s, c in self.scales.items()}})
                 for t in self.trainers:
                     if t.error is not None:
                         log.write({"step": 0, "event": "error", "sae": t.name, "site": str(t.site), "error": t.error})
             self._train(start, ckpt, log)
         finally:
             log.close()
-        return self._release()
-
-    def _estimate_scales(self) -> dict[Site, float]:
-        """C per site before step 0 (a seam: data parallelism sums the estimate over ranks)."""
-        return estimate_input_scales(
-            self.source, self.sites, batch_size=self.recipe.batch_size,
-            n_tokens=self.scale_estimate_tokens, seed=self.data_seed,
-        )
-
-    @property
-    def scale_estimate_tokens(self) -> int:
-        """Tokens read to estimate C: the recipe's figure, but never more than the run trains on
-        (a short run over an online source would otherwise compute activations twice over)."""
-        return min(self.recipe.scale_estimate_tokens, self.n_steps * self.recipe.batch_size)
-
-    def _open_log(self, start: int) -> RunLog:
-        """The metrics log (a seam: under data parallelism only rank 0 writes one)."""
-        return RunLog(self.out_dir / "train_log.jsonl", resume_step=start, loggers=self.loggers,
-                      run_name=self.out_dir.name)
+        self.plan.finish(self.trainers)
+        return [
+            TrainedSAE(spec, t.sae, self.scales[spec.site], t.final_metrics() if t.error is None else None,
+                       t.tokens_seen, t.error)
+            for spec, t in zip(self.specs, self.trainers)
+        ]
 
     def _train(self, start: int, ckpt: CheckpointDir, log: RunLog) -> None:
         B = self.recipe.batch_size
@@ -270,7 +287,7 @@ class Trainer:
             by_site.setdefault(t.site, []).append(t)
         batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=start)
         bar = tqdm(total=self.n_steps * B, initial=start * B, unit="tok", unit_scale=True,
-                   desc=f"training {len(self.trainers)} SAEs", disable=not self.progress)
+                   desc=f"training {len(self.trainers)} SAEs", disable=not (self.options.progress and self.plan.writes))
         last_time, last_step = time.perf_counter(), start
         try:
             for step in range(start, self.n_steps):
@@ -294,7 +311,7 @@ class Trainer:
                             tqdm.write(f"saescope train: {err}")
                 done = step + 1
                 bar.update(B)
-                if done % self.log_every == 0 or done == self.n_steps:
+                if done % self.options.log_every == 0 or done == self.n_steps:
                     now = time.perf_counter()
                     rate = (done - last_step) * B / max(now - last_time, 1e-9)
                     last_time, last_step = now, done
@@ -303,77 +320,15 @@ class Trainer:
                             log.write({"step": done, "tokens": done * B, "sae": t.name, "site": str(t.site),
                                        **t.pop_metrics(), "tokens_per_s": rate})
                     bar.set_postfix(training=sum(t.error is None for t in self.trainers))
-                if done % self.checkpoint_every == 0 or done == self.n_steps:
-                    self.save_checkpoint(done, ckpt)
+                if done % self.options.checkpoint_every == 0 or done == self.n_steps:
+                    if self.plan.checkpoints:
+                        self.save_checkpoint(done, ckpt)
         finally:
             bar.close()
 
     def save_checkpoint(self, step: int, ckpt: CheckpointDir) -> Path:
         state = {
-            "scales": {s.name: _json_float(c) for s, c in self.scales.items()},
+            "scales": {s.name: c for s, c in self.scales.items()},
             "saes": {t.name: t.state_meta() for t in self.trainers},
         }
         return ckpt.save(step, state, {t.name: t.state_tensors() for t in self.trainers})
-
-    # --- release -----------------------------------------------------------------------------
-
-    def _release(self) -> list[Path]:
-        """Fold C into a copy of each SAE that finished, save it in Gemma Scope's layout, and write
-        ``<out>/train_summary.json`` (every SAE: its folder or its error)."""
-        if self.release:
-            from saescope.release import release_folder, save_sae
-
-        root = self.out_dir / "release"
-        B = self.recipe.batch_size
-        used: set[Path] = set()
-        folders, summary = [], []
-        for spec, t in zip(self.specs, self.trainers):
-            entry = {"sae": t.name, "site": spec.site.name, "spec": spec.to_dict()}
-            if t.error is not None:
-                summary.append({**entry, "status": "stopped", "error": t.error})
-                continue
-            scale = self.scales[spec.site]
-            final = t.final_metrics()
-            metrics = {
-                "average_l0": final["l0"],
-                "fvu": final["fvu"],
-                "mse": final["mse"] * scale**2,  # raw activation units
-                "mse_normalized": final["mse"],
-                "dead_fraction": final["dead_fraction"],
-                "measured_on": f"the last {int(final['steps_averaged'])} training batches of {B} tokens",
-            }
-            if not self.release:
-                summary.append({**entry, "status": "trained", "metrics": metrics})
-                continue
-            folder = release_folder(root, spec.site, spec.d_sae, round(final["l0"]))
-            n = 2
-            base = folder
-            while folder in used:  # e.g. two λ (or seeds) that end at the same rounded L0
-                folder, n = base.with_name(f"{base.name}_{n}"), n + 1
-            used.add(folder)
-            sae = copy.deepcopy(t.sae).to("cpu")
-            sae.fold_input_scale(scale)
-            config = {
-                "model": self.model_name,
-                "site": spec.site.name,
-                "d_in": sae.cfg.d_in,
-                "d_sae": spec.d_sae,
-                "architecture": spec.architecture,
-                "sparsity_coefficient": spec.sparsity_coefficient,
-                "k": spec.k,
-                "seed": spec.seed,
-                "tokens_seen": t.tokens_seen,
-                "input_scale": scale,
-                "recipe": self.recipe.to_dict(),
-                "sae_config": sae.cfg.to_dict(),
-            }
-            written = save_sae(sae, folder, config=config, metrics=metrics)
-            folders.append(written)
-            summary.append({**entry, "status": "released", "folder": str(written), "metrics": metrics})
-        write_json_atomic(self.out_dir / "train_summary.json",
-                          {"n_steps": self.n_steps, "tokens": self.n_steps * B, "saes": summary})
-        return folders
-
-
-def _json_float(x: float) -> float | None:
-    return x if math.isfinite(x) else None

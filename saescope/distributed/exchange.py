@@ -6,46 +6,30 @@ Why this plan (``docs/distributed.md`` has the numbers): a step needs, per site,
 its whole parameter set (2·D·F·4 bytes = 302 MB at 16K latents) — per SAE, per step.  Sending
 activations to site owners (as sparsify's ``--distribute_modules``) therefore moves 8× less data
 per 16K SAE, and a λ sweep of k SAEs on a site costs nothing more, where gradient averaging costs
-k times as much.  The model forward is split evenly (each rank runs B/W rows' sequences); the
-SAEs are dealt by FLOPs.  One ``all_to_all`` per step carries every site to its owner.
+k times as much.  One ``all_to_all`` per step carries every site to its owner, so every rank must
+take part in every exchange: a rank whose SAEs stopped, or that has none, *serves* the batches the
+trainers of the others read (:func:`saescope.train.trainer.planned_reads`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from itertools import islice
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from saescope.batches import BatchSource
+from saescope.activations.source import BatchSource
+from saescope.distributed.collectives import comm_device
+from saescope.distributed.env import DistEnv, collective, current, maybe_inject_failure
 from saescope.sites import Site
-from saescope.train.distributed import (
-    DistEnv,
-    assign_specs,
-    collective,
-    comm_device,
-    current,
-    maybe_inject_failure,
-)
-from saescope.train.parallel import (
-    agree_on_start_step,
-    check_layout,
-    finish_split_run,
-    rank_dir,
-)
-from saescope.train.recipe import Recipe
-from saescope.train.spec import SAESpec
-from saescope.train.trainer import Trainer
 
 
 class OwnerExchange:
     """The batches this rank's SAEs need, assembled from every rank's own activations.
 
     ``local`` yields this rank's activations of *every* site (B/W rows per step, e.g. an
-    :class:`~saescope.stream.OnlineSource` over the rank's share of the corpus).  Each step one
+    :class:`~saescope.activations.online.OnlineSource` over the rank's share of the corpus).  Each step one
     ``all_to_all`` sends each site's rows to the rank that ``owners`` names; the rank gets, for
     each site it owns, the W slices in rank order: B rows.  A BatchSource over the owned sites.
     """
@@ -123,20 +107,12 @@ def train_online_site_parallel(local: BatchSource, specs: list[SAESpec], recipe:
     env = env or current()
     out_dir = Path(out_dir)
     assignment = assign_specs(specs, env.world_size, d_in=local.d_in, split_sites="never")
-    owners = {s.site: r for r, group in enumerate(assignment) for s in group}
-    check_layout(out_dir, {"mode": "online-site", "world_size": env.world_size,
-                           "ranks": [[s.name for s in group] for group in assignment]}, env)
-    source = OwnerExchange(local, owners, env)
-    mine = assignment[env.rank]
-    folder = rank_dir(out_dir, env.rank)
-    start = agree_on_start_step(folder / "checkpoints", has_state=bool(mine), env=env)
-    batch, seed = recipe.batch_size, trainer_kwargs.get("data_seed", 0)
-    source.next_batch = start
-    if mine:
-        trainer_kwargs["progress"] = trainer_kwargs.get("progress", True) and env.is_main
-        Trainer(source, mine, recipe, folder, n_steps=n_steps, **trainer_kwargs).fit()
-    elif start == 0:  # no SAEs here: mirror the others' input-scale estimate (see Trainer.fit)
-        source.serve(0, max(1, math.ceil(recipe.scale_estimate_tokens / batch)), batch_size=batch, seed=seed)
-        source.next_batch = 0
-    source.serve(source.next_batch, n_steps, batch_size=batch, seed=seed)
-    return finish_split_run(out_dir, env)
+
+
+def corpus_share(corpus, rank: int, world_size: int):
+    """Sequences ``rank, rank + W, …`` of a :class:`~saescope.tokens.TokenizedCorpus`."""
+    if len(corpus) < world_size:
+        raise ValueError(f"corpus {corpus.name!r} has {len(corpus)} sequences, fewer than the {world_size} ranks")
+    pick = slice(rank, None, world_size)
+    return replace(corpus, input_ids=corpus.input_ids[pick], doc_ids=corpus.doc_ids[pick],
+                   subset_ids=corpus.subset_ids[pick], keep_mask=corpus.keep_mask[pick])

@@ -35,13 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saescope.shuffle import (
-    Bucket,
-    BucketedSource,
-    default_buffer_tokens,
-    group_pieces,
-    rng,
-)
+from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks, default_buffer_tokens
 from saescope.sites import Site
 
 FORMAT = "saescope-activations/1"
@@ -291,16 +285,14 @@ class ActivationStore:
 
 
 class StoreReader(BucketedSource):
-    """Shuffled batches from an activation store: a :class:`saescope.batches.BatchSource`.
+    """Shuffled batches from an activation store: a :class:`~saescope.activations.source.BatchSource`.
 
     Shards are cut into chunks of ``buffer_tokens // 16`` rows; each epoch the chunks are put in a
     random order and taken 16 at a time (a *bucket* of ``buffer_tokens`` rows, drawn from all over
-    the store), whose rows are then permuted together (see :mod:`saescope.shuffle`).  Memory stays
+    the store), whose rows are then permuted together (see :mod:`saescope.activations.shuffle`).  Memory stays
     at one or two buckets (``prefetch``) whatever the store's size.  Default ``buffer_tokens``:
     2^18, capped at 2 GiB of float32 for the sites read.
     """
-
-    CHUNKS_PER_BUCKET = 16
 
     def __init__(
         self,
@@ -327,20 +319,14 @@ class StoreReader(BucketedSource):
             raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
         self.buffer_tokens = buffer_tokens
         self.prefetch = prefetch
-        chunk = max(1, min(self.store.shard_tokens, buffer_tokens // self.CHUNKS_PER_BUCKET))
-        self._chunks = [
-            ((g, a, min(a + chunk, group["rows"])), min(a + chunk, group["rows"]) - a)
-            for g, group in enumerate(self.store.shards)
-            for a in range(0, group["rows"], chunk)
-        ]
+        self._chunks = chunks([group["rows"] for group in self.store.shards], buffer_tokens, self.store.shard_tokens)
 
     @property
     def n_tokens(self) -> int:
         return self.store.n_tokens
 
     def _plan(self, seed: int, epoch: int) -> list[Bucket]:
-        order = rng(seed, epoch, 0).permutation(len(self._chunks))
-        return group_pieces([self._chunks[i] for i in order], self.buffer_tokens)
+        return chunk_plan(self._chunks, seed, epoch, self.buffer_tokens)
 
     def _load(self, bucket: Bucket) -> dict[Site, torch.Tensor]:
         out = {}

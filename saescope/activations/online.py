@@ -1,15 +1,13 @@
 """Activations straight from a live model: harvest and train in one pass, nothing on disk.
 
-:class:`OnlineSource` is a :class:`saescope.batches.BatchSource` like the store's reader, with the
-same bucketed shuffle (:mod:`saescope.shuffle`): each epoch the corpus's sequences are put in a
+:class:`OnlineSource` is a :class:`~saescope.activations.source.BatchSource` like the store's
+reader, with the same bucketed shuffle (:mod:`saescope.activations.shuffle`): each epoch the corpus's sequences are put in a
 random order and grouped into buckets of about ``buffer_tokens`` kept tokens; the model runs
 over a bucket (``seqs_per_forward`` sequences per forward, every site captured in that one
 forward, stopping after the deepest layer needed), the rows of the bucket are permuted in memory,
 and batches are cut from them.  Same seed, same batches; ``skip_batches`` skips whole buckets
-without running the model on them.
-
-:func:`capture_kept` does one forward for every site and keeps only the positions the corpus
-keeps (no BOS, EOS or padding).
+without running the model on them.  Each forward is
+:func:`~saescope.activations.capture.capture_kept`, the harvest's own.
 """
 
 from __future__ import annotations
@@ -20,64 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from saescope.shuffle import (
-    Bucket,
-    BucketedSource,
-    default_buffer_tokens,
-    group_pieces,
-    rng,
-)
-from saescope.sites import Site, capture, n_layers, site_width
+from saescope.activations.capture import capture_kept, check_corpus, check_sites
+from saescope.activations.shuffle import Bucket, BucketedSource, default_buffer_tokens, group_pieces, rng
+from saescope.sites import Site, site_width
 from saescope.tokens import TokenizedCorpus
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def check_corpus(model: nn.Module, corpus: TokenizedCorpus) -> None:
-    """Refuse a corpus the model cannot run on, with a message naming the problem."""
-    if len(corpus) == 0 or corpus.n_tokens == 0:
-        raise ValueError(f"corpus {corpus.name!r} is empty: it has no token to take activations from")
-    seq_len = corpus.input_ids.shape[1]
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and seq_len > context:
-        raise ValueError(f"sequence length {seq_len} is beyond the model's context of {context} tokens")
-    vocab = getattr(model.config, "vocab_size", None)
-    top = int(corpus.input_ids.max())
-    if vocab is not None and top >= vocab:
-        raise ValueError(
-            f"corpus {corpus.name!r} holds token id {top}, outside the model's vocabulary of {vocab}: "
-            "was it tokenized with another model's tokenizer?"
-        )
-
-
-def check_sites(model: nn.Module, sites: Iterable[Site]) -> list[Site]:
-    sites = sorted(set(sites))
-    if not sites:
-        raise ValueError("no site requested")
-    layers = n_layers(model)
-    for site in sites:
-        if site.layer >= layers:
-            raise ValueError(f"site {site} out of range: the model has {layers} layers")
-    return sites
-
-
-@torch.no_grad()
-def capture_kept(
-    model: nn.Module,
-    sites: list[Site],
-    input_ids_BT: np.ndarray,
-    keep_BT: np.ndarray,
-    dtype: torch.dtype = torch.float32,
-) -> dict[Site, torch.Tensor]:
-    """One forward over a batch of sequences; each site's rows at kept positions, ``(n_kept, D)``,
-    in ``dtype`` on the CPU, in row-major (sequence, position) order."""
-    device = model_device(model)
-    input_ids = torch.as_tensor(input_ids_BT, dtype=torch.long).to(device)
-    kept = torch.as_tensor(keep_BT).reshape(-1).nonzero().squeeze(1).to(device)
-    acts = capture(model, sites, input_ids)
-    return {s: acts[s].flatten(0, 1).index_select(0, kept).to(device="cpu", dtype=dtype) for s in sites}
 
 
 class OnlineSource(BucketedSource):
@@ -132,8 +76,7 @@ class OnlineSource(BucketedSource):
         seqs = np.asarray(bucket.pieces)
         for i in range(0, len(seqs), self.seqs_per_forward):
             batch = seqs[i : i + self.seqs_per_forward]
-            rows = capture_kept(self.model, self.sites, self.corpus.input_ids[batch], self.corpus.keep_mask[batch])
+            rows, _ = capture_kept(self.model, self.sites, self.corpus.input_ids[batch], self.corpus.keep_mask[batch])
             for s in self.sites:
                 parts[s].append(rows[s])
         return {s: torch.cat(parts[s]) for s in self.sites}
-

@@ -1,27 +1,19 @@
-"""torch.distributed for saescope: the process group, rank helpers, who trains what, and the
-data-parallel gradient all-reduce.
+"""This process among the ranks torchrun started: the process group, its environment, and
+errors that say which rank failed doing what.
 
-Everything here runs on PyTorch's own machinery: processes are started by ``torchrun`` (which
-sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``), talk through
-``torch.distributed`` (NCCL between GPUs, gloo between CPU processes), and a failed rank is
-reported by torchrun's elastic agent, which stops the others.  Our side adds what the agent
-cannot know: every collective that fails (because a peer died) is re-raised naming this rank,
-what it was doing and how to resume (:class:`CollectiveError`).
-
-How the three kinds of parallelism use this module (see ``docs/distributed.md``):
-
-* site parallelism: :func:`assign_specs` deals the SAEs to ranks by FLOPs, no communication;
-* data parallelism: :class:`GradAllReduce` averages gradients between backward and the step;
-* latent (tensor) parallelism: :mod:`saescope.sae.sharded` sums partial reconstructions.
-
-Nothing here is imported by ``import saescope``; torch is imported lazily by the callers.
+Processes are started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``) and talk through ``torch.distributed`` (NCCL between GPUs,
+gloo between CPU processes); a failed rank is reported by torchrun's elastic agent, which stops
+the others.  Our side adds what the agent cannot know: every collective that fails (because a
+peer died) is re-raised naming this rank, what it was doing and how to resume
+(:class:`CollectiveError`).  Outside torchrun everything here is rank 0 of 1 and no process group
+exists, so the same code runs with and without a launcher.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,9 +21,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from saescope.sites import Site
-from saescope.train.spec import SAESpec
 
 #: what torchrun exports to every worker; a process that has some but not all of them was
 #: started by something else, and guessing the missing ones would hang the job
@@ -164,18 +153,6 @@ def current() -> DistEnv:
     return _ENV
 
 
-def rank() -> int:
-    return _ENV.rank
-
-
-def world_size() -> int:
-    return _ENV.world_size
-
-
-def is_main() -> bool:
-    return _ENV.rank == 0
-
-
 # --- collectives that say what went wrong --------------------------------------------------
 
 
@@ -199,134 +176,9 @@ def collective(what: str, env: DistEnv | None = None) -> Iterator[None]:
         ) from err
 
 
-def barrier(what: str = "barrier", *, patient: bool = False) -> None:
-    """Wait for every rank (no-op in a single process).  ``patient``: wait for days, not the
-    process group's timeout — for ranks that finished their share and wait for the others."""
-    if not _ENV.distributed:
-        return
-    with collective(what):
-        if patient and _PATIENT_GROUP is not None:
-            dist.barrier(group=_PATIENT_GROUP)
-        elif _ENV.backend == "nccl":
-            dist.barrier(device_ids=[_ENV.device.index])
-        else:
-            dist.barrier()
-
-
-def all_reduce_(tensor: torch.Tensor, op: str = "sum", what: str = "all-reduce") -> torch.Tensor:
-    """In-place all-reduce (``"sum"``, ``"min"``, ``"max"``) on this process's device; returns it."""
-    if not _ENV.distributed:
-        return tensor
-    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-    target = tensor if tensor.device == comm_device() else tensor.to(comm_device())
-    with collective(what):
-        dist.all_reduce(target, op=ops[op])
-    if target is not tensor:
-        tensor.copy_(target)
-    return tensor
-
-
-def comm_device() -> torch.device:
-    """Where tensors must be for a collective: the GPU under NCCL, the CPU under gloo."""
-    return _ENV.device if _ENV.backend == "nccl" else torch.device("cpu")
-
-
-# --- data parallelism --------------------------------------------------------------------------
-
-
-class GradAllReduce:
-    """The ``reduce_grads`` hook of :class:`~saescope.train.sae_trainer.SAETrainer` under data
-    parallelism: average every gradient over the ranks, in place, before anything reads them.
-
-    Why averaging is exact: every rank's loss is a mean over its B local rows, so the mean of the
-    W local gradients is the gradient of the mean over the W·B rows — the single-process loss on
-    the global batch.  That includes JumpReLU's θ: its pseudo-gradient is a *sum* over the batch
-    of kernel terms each carrying the 1/B of the batch mean, so it averages like every other
-    gradient.  A parameter without a gradient (unused this step) all-reduces zeros, so every rank
-    issues the same collectives in the same order.
-
-    ``seconds`` and ``bytes`` accumulate the time spent in (and the payload of) the all-reduces,
-    for the communication share reported by ``benchmarks/distributed.py``.
-    """
-
-    def __init__(self, env: DistEnv | None = None):
-        self.env = env or _ENV
-        self.seconds = 0.0
-        self.bytes = 0
-        self.calls = 0
-
-    def __call__(self, module: torch.nn.Module) -> None:
-        if not self.env.distributed:
-            return
-        start = time.perf_counter()
-        device = None
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            all_reduce_(p.grad, "sum", what=f"all-reduce of {name}'s gradient")
-            p.grad.div_(self.env.world_size)
-            self.bytes += p.grad.numel() * p.grad.element_size()
-            device = p.grad.device
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)  # NCCL is asynchronous: time the transfer, not its launch
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-
-
-# --- site parallelism: who trains what ---------------------------------------------------------
-
-
-def spec_cost(spec: SAESpec, d_in: int) -> int:
-    """FLOPs per token of one training step, up to a constant shared by every SAE: d_in × d_sae
-    (the five D×F matrix products of a JumpReLU step are ~10·D·F; other architectures differ by
-    a constant factor close to 1)."""
-    return d_in * spec.d_sae
-
-
-def _deal(units: list[tuple[int, tuple, list]], world_size: int) -> tuple[list[list], int]:
-    """Longest-processing-time-first: each ``(cost, sort key, items)`` unit, largest first, goes
-    to the least-loaded rank.  Returns every rank's items and the busiest rank's load."""
-    loads = [0] * world_size
-    ranks: list[list] = [[] for _ in range(world_size)]
-    for cost, _, items in sorted(units, key=lambda u: (-u[0], u[1])):
-        target = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[target] += cost
-        ranks[target].extend(items)
-    return ranks, max(loads)
-
-
-def assign_specs(specs: list[SAESpec], world_size: int, *, d_in: dict[Site, int],
-                 split_sites: str = "auto") -> list[list[SAESpec]]:
-    """Deal ``specs`` to ``world_size`` ranks, balancing FLOPs (Σ d_in·d_sae per rank).
-
-    ``split_sites``: ``"never"`` keeps all SAEs of a site on one rank (each site's activations
-    are read, or received, by one process only); ``"always"`` deals SAEs one by one; ``"auto"``
-    (default) keeps sites whole unless splitting them lowers the busiest rank's load by more
-    than 10% (e.g. fewer sites than ranks, or one site with a wide λ sweep).  Pure and
-    deterministic: every rank computes the same answer.  Each rank's list keeps the input order.
-    """
-    if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
-    if split_sites not in ("auto", "never", "always"):
-        raise ValueError(f"split_sites must be auto, never or always, got {split_sites!r}")
-    missing = sorted({s.site for s in specs} - set(d_in))
-    if missing:
-        raise ValueError(f"no input width known for {', '.join(map(str, missing))}")
-    order = {s.name: i for i, s in enumerate(specs)}
-    by_site: dict[Site, list[SAESpec]] = {}
-    for spec in specs:
-        by_site.setdefault(spec.site, []).append(spec)
-    whole = [(sum(spec_cost(s, d_in[site]) for s in group), (site,), group) for site, group in by_site.items()]
-    single = [(spec_cost(s, d_in[s.site]), (s.site, s.name), [s]) for s in specs]
-    by_whole, load_whole = _deal(whole, world_size)
-    if split_sites == "never":
-        chosen = by_whole
-    else:
-        by_single, load_single = _deal(single, world_size)
-        chosen = by_single if split_sites == "always" or load_single < 0.9 * load_whole else by_whole
-    return [sorted(r, key=lambda s: order[s.name]) for r in chosen]
+def patient_group():
+    """The gloo group whose barriers wait for days (None in a single process)."""
+    return _PATIENT_GROUP
 
 
 # --- failure injection (tests) -----------------------------------------------------------------

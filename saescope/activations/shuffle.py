@@ -1,6 +1,6 @@
-"""Bucketed shuffling: the one batching scheme behind the store reader and the online stream.
+"""Bucketed shuffling: the one batching scheme behind every batch source (store, online, in memory).
 
-The paper shuffles activations "in buckets of about 10^6".  Both of our sources do the same:
+The paper shuffles activations "in buckets of about 10^6".  All our sources do the same:
 
 * an *epoch* is the whole dataset once, cut into *buckets* of at most ``buffer_tokens`` rows
   (the order of the pieces that make up the buckets is itself random per epoch);
@@ -67,6 +67,26 @@ def group_pieces(pieces: Sequence[tuple[Any, int]], buffer_tokens: int) -> list[
     if current:
         buckets.append(Bucket(tuple(current), rows))
     return buckets
+
+
+#: a bucket is this many chunks (store reader, in-memory source): pieces from all over the data
+CHUNKS_PER_BUCKET = 16
+
+
+def chunks(group_rows: Sequence[int], buffer_tokens: int, max_chunk: int | None = None) -> list[tuple[tuple[int, int, int], int]]:
+    """Cut groups of rows (a store's shard groups, or one in-memory tensor) into chunks of
+    ``buffer_tokens // 16`` rows (at most ``max_chunk``): ``((group, start, stop), rows)`` pieces."""
+    size = max(1, buffer_tokens // CHUNKS_PER_BUCKET)
+    if max_chunk is not None:
+        size = min(size, max_chunk)
+    return [((g, a, min(a + size, rows)), min(a + size, rows) - a)
+            for g, rows in enumerate(group_rows) for a in range(0, rows, size)]
+
+
+def chunk_plan(pieces: Sequence[tuple[Any, int]], seed: int, epoch: int, buffer_tokens: int) -> list[Bucket]:
+    """An epoch's buckets: the chunks in a random order (seed, epoch), 16 to a bucket."""
+    order = rng(seed, epoch, 0).permutation(len(pieces))
+    return group_pieces([pieces[i] for i in order], buffer_tokens)
 
 
 def shuffled_batches(
@@ -145,7 +165,7 @@ def shuffled_batches(
 class BucketedSource:
     """Mixin for sources that cut their data into buckets: subclasses define ``_plan(seed,
     epoch) -> list[Bucket]``, ``_load(bucket) -> {site: rows}`` and ``prefetch``; this gives them
-    :meth:`iter_batches`, the :class:`saescope.batches.BatchSource` method."""
+    :meth:`iter_batches`, the :class:`~saescope.activations.source.BatchSource` method."""
 
     prefetch: bool = False
 

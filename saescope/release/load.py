@@ -1,0 +1,119 @@
+"""Loading releases: one SAE folder (:func:`load_sae`), or every SAE of a release with its site,
+config and metrics (:func:`load_release`, the counterpart of other libraries' ``load_many``).
+
+Gemma Scope's folders (``params.npz`` only) load unchanged: their config is inferred from the
+path as SAELens does, their site from :func:`saescope.release.layout.folder_site`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saescope.jsonio import read_json
+from saescope.release.arrays import RELEASED_ARRAYS, check_arrays, params_file, read_arrays, standard_names
+from saescope.release.layout import (
+    CONFIG_JSON,
+    GEMMA_SCOPE_REPO,
+    RELEASE_TAIL,
+    find_sae_folders,
+    folder_name,
+    folder_site,
+    width_label,
+)
+from saescope.release.metrics import read_metrics
+from saescope.sae.base import SAE, SAEConfig
+from saescope.sites import Site
+
+
+@dataclass
+class ReleasedSAE:
+    """One SAE of a release and what its folder says about it."""
+
+    #: its path under the release root (the folder's name when the root is the folder)
+    name: str
+    folder: Path
+    site: Site
+    sae: SAE
+    #: config.json, or what the path told (Gemma Scope's folders)
+    config: dict[str, Any]
+    #: metrics.json (sections ``training`` and ``eval``), {} if none
+    metrics: dict[str, Any]
+
+
+def infer_config(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A config for a folder without config.json (Gemma Scope's releases), from its path."""
+    posix = folder.resolve().as_posix()
+    tail = RELEASE_TAIL.search(posix)
+    repo = GEMMA_SCOPE_REPO.search(posix)
+    if "threshold" not in arrays and not (tail or repo):
+        raise ValueError(
+            f"{folder}: no {CONFIG_JSON} and no threshold array, so the architecture cannot be told; "
+            f"only JumpReLU releases (Gemma Scope's) can be loaded without a config"
+        )
+    config: dict[str, Any] = {"architecture": "jumprelu", "source": "inferred from the path"}
+    if tail:
+        config.update(layer=int(tail.group(1)), width=tail.group(2), average_l0=int(tail.group(3)))
+    if repo:
+        size, variant, _ = repo.groups()
+        config["model"] = f"gemma-2-{size}" + ("-it" if variant == "it" else "")
+    try:
+        config["site"] = folder_site(folder).name
+    except ValueError:
+        pass  # the path does not say; callers may name the kind (saescope eval --kind)
+    return config
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load a release folder (ours or Gemma Scope's), or its params file, as an SAE in release
+    form (its site, config and metrics: :func:`read_release_folder`)."""
+    return _load(Path(path), device)[0]
+
+
+def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
+    from saescope.sae.registry import ARCHITECTURES, build_sae
+
+    file = params_file(path)
+    folder = file.parent
+    arrays = standard_names(file, read_arrays(file))
+    config = read_json(folder / CONFIG_JSON)
+    if config is None:
+        config = infer_config(folder, arrays)
+    architecture = config.get("architecture")
+    if architecture not in RELEASED_ARRAYS or architecture not in ARCHITECTURES:
+        raise ValueError(f"{folder / CONFIG_JSON}: unknown architecture {architecture!r}")
+    d_in, d_sae = check_arrays(file, arrays, architecture)
+    for key, actual in (("d_in", d_in), ("d_sae", d_sae)):
+        if config.get(key, actual) != actual:
+            raise ValueError(f"{folder}: config says {key} = {config[key]}, but the arrays have {key} = {actual}")
+    if "width" in config and config["width"] != width_label(d_sae):
+        raise ValueError(f"{folder}: the path says width_{config['width']}, but the arrays have d_sae = {d_sae}")
+
+    cfg = SAEConfig.from_dict(config["sae_config"]) if isinstance(config.get("sae_config"), dict) else SAEConfig(d_in, d_sae)
+    cfg.d_in, cfg.d_sae, cfg.architecture, cfg.centre_input = d_in, d_sae, architecture, False
+    if config.get("k") is not None:
+        cfg.k = int(config["k"])
+    with torch.random.fork_rng(devices=[]):  # initialisation is overwritten; keep the caller's RNG
+        sae = build_sae(cfg)
+    sae.load_arrays({name: torch.from_numpy(a) for name, a in arrays.items()})
+    return sae.to(device), config, folder
+
+
+def read_release_folder(path: str | Path, root: str | Path | None = None, *, kind: str | None = None,
+                        device: str | torch.device = "cpu") -> ReleasedSAE:
+    """One SAE folder with its site, config and metrics; ``kind`` names the site kind for
+    folders whose config and path do not (``saescope eval --kind``)."""
+    sae, config, folder = _load(Path(path), device)
+    site = folder_site(folder, config, kind)
+    name = folder_name(folder, Path(root) if root is not None else folder)
+    return ReleasedSAE(name, folder, site, sae, config, read_metrics(folder))
+
+
+def load_release(root: str | Path, *, kind: str | None = None, device: str | torch.device = "cpu") -> list[ReleasedSAE]:
+    """Every SAE folder at or under ``root`` (ours and Gemma Scope's), sorted by path."""
+    root = Path(root)
+    return [read_release_folder(f, root, kind=kind, device=device) for f in find_sae_folders(root)]

@@ -1,0 +1,142 @@
+"""Writing release folders: one SAE (:func:`save_sae`), and the release step after training
+(:func:`release_trained`), which names each folder by the L0 measured at the end of training and
+records the trainer's figures as the ``training`` section of its ``metrics.json``.
+
+A folder holds ``params.npz`` — ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``
+(d_sae), ``b_dec`` (d_in) and, for JumpReLU / BatchTopK, ``threshold`` (d_sae); float32, in raw
+activation units (no b_dec subtracted before the encoder), the arrays Gemma Scope released —
+``params.safetensors`` (the same arrays), ``config.json`` (d_in, d_sae, architecture, k and what
+the trainer records: model, site, λ, tokens seen, C, recipe and the full ``sae_config``) and
+``metrics.json`` (:mod:`saescope.release.metrics`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saescope.jsonio import write_json
+from saescope.release.layout import CONFIG_JSON, PARAMS_NPZ, PARAMS_SAFETENSORS, release_folder, unique_folder
+from saescope.release.metrics import write_section
+from saescope.sae.base import SAE
+
+
+def save_sae(sae: SAE, folder: str | Path, *, config: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``sae`` (already in release form: ``sae.fold_input_scale(C)`` done) to ``folder``;
+    ``metrics`` become the ``training`` section of its ``metrics.json``.
+
+    The folder appears complete or not at all: everything is written to a temporary sibling
+    that is then renamed into place (an existing folder of that name is replaced)."""
+    from safetensors.numpy import save_file
+
+    if sae.cfg.centre_input:
+        raise ValueError(
+            "save_sae needs an SAE in release form (raw activations, no b_dec subtracted): "
+            "call sae.fold_input_scale(C) first"
+        )
+    arrays = {name: np.ascontiguousarray(t.numpy(), dtype=np.float32) for name, t in sae.to_arrays().items()}
+    bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
+    if bad:
+        raise ValueError(f"refusing to release an SAE with non-finite values in {', '.join(bad)}")
+    own = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.architecture, "k": sae.cfg.k}
+    for key, value in own.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"config[{key!r}] = {config[key]!r} contradicts the SAE's {key} = {value!r}")
+    full_config = {**own, **config}
+    full_config.setdefault("sae_config", sae.cfg.to_dict())
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with open(tmp / PARAMS_NPZ, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        save_file(arrays, str(tmp / PARAMS_SAFETENSORS))
+        write_json(tmp / CONFIG_JSON, full_config)
+        if metrics is not None:
+            write_section(tmp, "training", metrics)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def export_safetensors(path: str | Path, out: str | Path) -> Path:
+    """Write a release (ours or Gemma Scope's; folder or file) as one safetensors file."""
+    from safetensors.numpy import save_file
+
+    from saescope.release.load import load_sae
+
+    sae = load_sae(path)
+    out = Path(out)
+    save_file({n: np.ascontiguousarray(t.numpy()) for n, t in sae.to_arrays().items()}, str(out))
+    return out
+
+
+def release_trained(results, root: str | Path, *, model_name: str | None, recipe: dict[str, Any],
+                    batch_size: int, write_folders: bool = True) -> tuple[list[Path], list[dict]]:
+    """Release what a trainer returned (:class:`saescope.train.trainer.TrainedSAE`, in spec order).
+
+    Each SAE that finished is copied, C is folded in, and it is saved under ``root`` in Gemma
+    Scope's layout, named by its final average L0.  Returns the folders written and one summary
+    entry per SAE (released with its folder and metrics, or stopped with its error).
+    ``write_folders=False``: the summary entries only (status ``trained``; benchmarks, tests).
+    """
+    root = Path(root)
+    used: set[Path] = set()
+    folders, summary = [], []
+    for r in results:
+        spec = r.spec
+        entry = {"sae": spec.name, "site": spec.site.name, "spec": spec.to_dict()}
+        if r.error is not None:
+            summary.append({**entry, "status": "stopped", "error": r.error})
+            continue
+        final = r.metrics
+        metrics = {
+            "average_l0": final["l0"],
+            "fvu": final["fvu"],
+            "mse": final["mse"] * r.scale**2,  # raw activation units
+            "mse_normalized": final["mse"],
+            "dead_fraction": final["dead_fraction"],
+            "measured_on": f"the last {int(final['steps_averaged'])} training batches of {batch_size} tokens",
+        }
+        if not write_folders:
+            summary.append({**entry, "status": "trained", "metrics": metrics})
+            continue
+        folder = unique_folder(release_folder(root, spec.site, spec.d_sae, round(final["l0"])), used)
+        sae = copy.deepcopy(r.sae).to("cpu")
+        sae.fold_input_scale(r.scale)
+        config = {
+            "model": model_name,
+            "site": spec.site.name,
+            "d_in": sae.cfg.d_in,
+            "d_sae": spec.d_sae,
+            "architecture": spec.architecture,
+            "sparsity_coefficient": spec.sparsity_coefficient,
+            "k": spec.k,
+            "seed": spec.seed,
+            "tokens_seen": r.tokens_seen,
+            "input_scale": r.scale,
+            "recipe": recipe,
+            "sae_config": sae.cfg.to_dict(),
+        }
+        written = save_sae(sae, folder, config=config, metrics=metrics)
+        folders.append(written)
+        summary.append({**entry, "status": "released", "folder": str(written), "metrics": metrics})
+    return folders, summary
