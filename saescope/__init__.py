@@ -37,6 +37,8 @@ _LAZY = {
     "Recipe": "saescope.train.recipe",
     "SAESpec": "saescope.train.spec",
     "Trainer": "saescope.train.trainer",
+    "TrainOptions": "saescope.train.trainer",
+    "train_and_release": "saescope.train.run",
 }
 
 __all__ = sorted(_LAZY)

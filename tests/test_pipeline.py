@@ -73,10 +73,11 @@ def test_quick_preset_end_to_end(tmp_path):
     for folder in folders:
         for name in ("params.npz", "params.safetensors", "config.json", "metrics.json"):
             assert (folder / name).exists(), folder / name
-        metrics = json.loads((folder / "metrics.json").read_text())
+        sections = json.loads((folder / "metrics.json").read_text())
+        metrics = sections["eval"]
         for key in ("l0", "fvu", "mse", "delta_loss", "ce_loss_score", "kl_div", "frac_dead", "frac_high_freq"):
             assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (folder, key, metrics[key])
-        k = round(metrics["training"]["average_l0"])
+        k = round(sections["training"]["average_l0"])
         assert folder.name.split("_")[2] == str(k), folder  # named by the measured L0 (…_2 if taken)
     summary = json.loads((release / "eval.json").read_text())
     bad = [(p, v) for p, v in _finite_numbers(summary["saes"]) if not math.isfinite(v)]
