@@ -103,7 +103,7 @@ def overrides(cls, args) -> dict[str, Any]:
 
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init")
+RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,9 @@ class TrainSettings:
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: b_dec at step 0: zeros (the paper) or mean (the first batch's mean: short runs)
     b_dec_init: str = field(default="zeros", metadata={"choices": ("zeros", "mean")})
+    #: input map folded into the release: scalar (the paper's C), centred (C about the mean) or
+    #: diagonal (per dimension; for massive dimensions such as Gemma 3's)
+    input_norm: str = field(default="scalar", metadata={"choices": ("scalar", "centred", "diagonal")})
     #: initialisation, data-order and corpus-split seed
     seed: int = 0
     #: cpu, cuda, cuda:1, ... or auto (cuda if available); changes no result

@@ -142,7 +142,9 @@ def _brute_force(model, corpus, site, sae, scored=None):
     x = capture(model, [site], ids)[site][keep].double()
     x_hat = sae(x.float()).double()
     fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    fvu_std = (((x - x_hat) ** 2).sum(0) / ((x - x.mean(0)) ** 2).sum(0)).mean()  # each dimension 1/D
     return {"delta_loss": float(ce(lp_spliced) - ce(lp_clean)), "kl_div": float(kl), "fvu": float(fvu),
+            "fvu_std": float(fvu_std),
             "l0": float((sae.encode(x.float()) != 0).sum(-1).double().mean())}
 
 
@@ -159,7 +161,7 @@ def test_suite_matches_brute_force_and_is_batch_invariant(tiny_model, arch):
         expected = _brute_force(model, corpus, site, sae)
         for key, value in expected.items():
             assert one["saes"][name][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
-        for key in ("delta_loss", "kl_div", "fvu", "mse", "l0", "cossim", "frac_dead"):
+        for key in ("delta_loss", "kl_div", "fvu", "fvu_std", "mse", "l0", "cossim", "frac_dead"):
             assert three["saes"][name][key] == pytest.approx(one["saes"][name][key], rel=1e-6, abs=1e-7)
 
 

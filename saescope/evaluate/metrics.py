@@ -11,6 +11,11 @@ Reconstruction (:class:`ReconstructionStats`):
               N evaluation tokens.  The denominator is the variance *about the mean* (the loss of
               always predicting x̄), not Σ‖x‖²: two widely used libraries shipped the about-zero
               version, which flatters SAEs on sites with a large mean (the residual stream).
+``fvu_std``   FVU after standardising each dimension: the mean over the D dimensions of each
+              dimension's own FVU, Σₙ(xₙd − x̂ₙd)² / Σₙ(xₙd − x̄d)².  FVU over all dimensions is
+              dominated by a model's few massive dimensions (Gemma 3: one dimension holds ~80% of
+              the variance of its mid-layer residual stream) while the next-token loss depends on
+              the error in the others; here every dimension counts 1/D.
 ``mse``       mean over tokens of ‖x − x̂‖² (summed over the D dimensions, averaged over tokens; the
               same normalisation as the training loss; divide by D for a per-element figure).
 ``cossim``    mean over tokens of x·x̂ / (‖x‖‖x̂‖) (0 where either is zero).
@@ -84,6 +89,15 @@ def kl_div_per_token(log_probs_clean_NV: torch.Tensor, log_probs_spliced_NV: tor
     return F.kl_div(log_probs_spliced_NV, log_probs_clean_NV, log_target=True, reduction="none").sum(-1)
 
 
+def fvu_std(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> float:
+    """Mean over dimensions of each dimension's FVU (see module docstring), on one tensor."""
+    x = x_ND.double()
+    var_D = (x - x.mean(dim=0)).pow(2).sum(0)
+    err_D = (x - x_hat_ND.double()).pow(2).sum(0)
+    varying = var_D > 0
+    return float((err_D[varying] / var_D[varying]).mean())
+
+
 def fvu(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> float:
     """Σ‖x − x̂‖² / Σ‖x − x̄‖² on one tensor of tokens (about the mean; see module docstring)."""
     x = x_ND.double()
@@ -137,6 +151,8 @@ class ReconstructionStats:
         self.mean_GD = torch.zeros(G, d_in, **kw)
         self.m2 = torch.zeros(G, **kw)  # Σ‖x − x̄‖² about the running mean
         self.sq_err = torch.zeros(G, **kw)
+        self.m2_GD = torch.zeros(G, d_in, **kw)  # per-dimension Σ(x − x̄)², for fvu_std
+        self.sq_err_GD = torch.zeros(G, d_in, **kw)
         self.l0 = torch.zeros(G, **kw)
         self.cossim = torch.zeros(G, **kw)
         self.l2_ratio = torch.zeros(G, **kw)
@@ -152,11 +168,14 @@ class ReconstructionStats:
 
         n_b = _group_sum(ones, group_N, G)
         mean_b = _group_sum(x_ND, group_N, G) / n_b.clamp_min(1)[:, None]
-        m2_b = _group_sum((x_ND.double() - mean_b[group_N]).pow(2).sum(-1), group_N, G)
+        m2_b_GD = _group_sum((x_ND.double() - mean_b[group_N]).pow(2), group_N, G)
+        m2_b = m2_b_GD.sum(-1)
         n_total = self.n + n_b
         delta = mean_b - self.mean_GD
         weight = torch.where(n_total > 0, n_b / n_total.clamp_min(1), torch.zeros_like(n_total))
         self.m2 += m2_b + delta.pow(2).sum(-1) * self.n * weight
+        self.m2_GD += m2_b_GD + delta.pow(2) * (self.n * weight)[:, None]
+        self.sq_err_GD += _group_sum((x_ND.double() - x_hat_ND.double()).pow(2), group_N, G)
         self.mean_GD += delta * weight[:, None]
         self.n = n_total
 
@@ -168,13 +187,15 @@ class ReconstructionStats:
             one_hot_NG = F.one_hot(group_N, G).float()
             self.fired_GF += (one_hot_NG.T @ (f_NF != 0).float()).round().long()
 
-    def _metrics(self, n, m2, sq_err, l0, cossim, l2_ratio, fired_F) -> dict:
+    def _metrics(self, n, m2, sq_err, l0, cossim, l2_ratio, fired_F, m2_D, sq_err_D) -> dict:
         if n == 0:
             return {"n_tokens": 0}
+        varying = m2_D > 0
         out = {
             "n_tokens": int(n),
             "l0": float(l0 / n),
             "fvu": float(sq_err / m2) if m2 > 0 else math.nan,
+            "fvu_std": float((sq_err_D[varying] / m2_D[varying]).mean()) if bool(varying.any()) else math.nan,
             "mse": float(sq_err / n),
             "cossim": float(cossim / n),
             "l2_ratio": float(l2_ratio / n),
@@ -189,7 +210,8 @@ class ReconstructionStats:
         fired = self.fired_GF.cpu() if self.fired_GF is not None else [None] * self.n_groups
         return [
             self._metrics(self.n[g].item(), self.m2[g].item(), self.sq_err[g].item(),
-                          self.l0[g].item(), self.cossim[g].item(), self.l2_ratio[g].item(), fired[g])
+                          self.l0[g].item(), self.cossim[g].item(), self.l2_ratio[g].item(), fired[g],
+                          self.m2_GD[g], self.sq_err_GD[g])
             for g in range(self.n_groups)
         ]
 
@@ -198,9 +220,10 @@ class ReconstructionStats:
         n = self.n.sum()
         mean_D = (self.n[:, None] * self.mean_GD).sum(0) / n.clamp_min(1)
         m2 = self.m2.sum() + (self.n * (self.mean_GD - mean_D).pow(2).sum(-1)).sum()
+        m2_D = self.m2_GD.sum(0) + (self.n[:, None] * (self.mean_GD - mean_D).pow(2)).sum(0)
         fired = self.fired_GF.sum(0).cpu() if self.fired_GF is not None else None
         return self._metrics(n.item(), m2.item(), self.sq_err.sum().item(), self.l0.sum().item(),
-                             self.cossim.sum().item(), self.l2_ratio.sum().item(), fired)
+                             self.cossim.sum().item(), self.l2_ratio.sum().item(), fired, m2_D, self.sq_err_GD.sum(0))
 
     def firing_counts(self) -> np.ndarray:
         """Tokens on which each latent fired, all groups together, (F,) int64."""

@@ -207,7 +207,7 @@ def _sae_metrics(site: Site, sae: SAE, t: Accumulators, zero_subset: M.LossStats
     recon = t.recon_position.by_group()
     loss, zero = t.loss_position.means(merged=False), zero_position.means(merged=False)
     per_bin = [{**recon[g], **M.loss_metrics(loss[g], zero[g])} for g in range(len(bins))]
-    names = ("n_tokens", "l0", "fvu", "mse", "cossim", "l2_ratio", "n_loss_tokens", "delta_loss", "kl_div",
+    names = ("n_tokens", "l0", "fvu", "fvu_std", "mse", "cossim", "l2_ratio", "n_loss_tokens", "delta_loss", "kl_div",
              "ce_loss_score")
     out["by_position"] = {
         "position_start": [b[0] for b in bins],
@@ -219,7 +219,7 @@ def _sae_metrics(site: Site, sae: SAE, t: Accumulators, zero_subset: M.LossStats
 
 
 #: the scalar metrics, in the order tables show them
-SCALAR_METRICS = ("l0", "fvu", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
+SCALAR_METRICS = ("l0", "fvu", "fvu_std", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
                   "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation")
 
 

@@ -25,6 +25,7 @@ from saescope.jsonio import write_json
 from saescope.release.layout import CONFIG_JSON, PARAMS_NPZ, PARAMS_SAFETENSORS, release_folder, unique_folder
 from saescope.release.metrics import write_section
 from saescope.sae.base import SAE
+from saescope.sae.input_norm import InputNorm
 
 
 def save_sae(sae: SAE, folder: str | Path, *, config: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
@@ -108,10 +109,15 @@ def release_trained(results, root: str | Path, *, model_name: str | None, recipe
             summary.append({**entry, "status": "stopped", "error": r.error})
             continue
         final = r.metrics
+        # the L0 of the released weights (on the last batch), not the training average
+        l0 = r.released_l0 if r.released_l0 is not None else final["l0"]
         metrics = {
-            "average_l0": final["l0"],
+            "average_l0": l0,
+            "l0_measured_on": (f"the last training batch ({batch_size} tokens), final weights"
+                               if r.released_l0 is not None else "the training batches below"),
+            "training_l0": final["l0"],
             "fvu": final["fvu"],
-            "mse": final["mse"] * r.scale**2,  # raw activation units
+            "mse": final["mse_raw"],  # raw activation units
             "mse_normalized": final["mse"],
             "dead_fraction": final["dead_fraction"],
             "measured_on": f"the last {int(final['steps_averaged'])} training batches of {batch_size} tokens",
@@ -119,20 +125,26 @@ def release_trained(results, root: str | Path, *, model_name: str | None, recipe
         if not write_folders:
             summary.append({**entry, "status": "trained", "metrics": metrics})
             continue
-        folder = unique_folder(release_folder(root, spec.site, spec.d_sae, round(final["l0"])), used)
-        sae = copy.deepcopy(r.sae).to("cpu")
-        sae.fold_input_scale(r.scale)
+        folder = unique_folder(release_folder(root, spec.site, spec.d_sae, round(l0)), used)
+        sae = copy.deepcopy(r.sae).to("cpu").eval()
+        sae.fold_input_norm(r.norm if r.norm is not None else InputNorm.from_scale(r.scale, sae.cfg.d_in))
+        if hasattr(sae, "to_jumprelu"):  # BatchTopK: its inference code is a JumpReLU
+            sae = sae.to_jumprelu()
         config = {
             "model": model_name,
             "site": spec.site.name,
             "d_in": sae.cfg.d_in,
             "d_sae": spec.d_sae,
-            "architecture": spec.architecture,
+            "architecture": sae.architecture,
+            # BatchTopK released as a JumpReLU (the same latents): what it was trained as
+            **({"trained_as": {"architecture": spec.architecture, "k": spec.k}}
+               if spec.architecture != sae.architecture else {}),
             "sparsity_coefficient": spec.sparsity_coefficient,
-            "k": spec.k,
+            "k": sae.cfg.k,
             "seed": spec.seed,
             "tokens_seen": r.tokens_seen,
-            "input_scale": r.scale,
+            "input_scale": r.scale if r.norm is None or r.norm.mode == "scalar" else None,
+            "input_norm": r.norm.mode if r.norm is not None else "scalar",
             "recipe": recipe,
             "sae_config": sae.cfg.to_dict(),
         }

@@ -75,6 +75,9 @@ class SAE(nn.Module):
     """
 
     architecture: ClassVar[str] = ""
+    #: latents can be rescaled one by one without changing predictions (per-latent gates, no
+    #: ranking across latents): the release fold then makes every decoder row unit-norm
+    latents_rescalable: ClassVar[bool] = False
     array_names: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
 
     def __init__(self, cfg: SAEConfig):
@@ -154,6 +157,17 @@ class SAE(nn.Module):
 
     def _fold_extra(self, scale: float) -> None:
         """Hook for architecture-specific parameters in raw units (JumpReLU's threshold)."""
+        self._scale_latents_(torch.full((self.cfg.d_sae,), float(scale), device=self.W_enc.device))
+
+    def _scale_latents_(self, n_F: torch.Tensor) -> None:
+        """Multiply architecture-specific per-latent parameters (thresholds) by ``n_F``."""
+
+    @torch.no_grad()
+    def fold_input_norm(self, norm) -> None:
+        """Release form for an SAE trained behind any :class:`saescope.sae.input_norm.InputNorm`."""
+        from saescope.sae.input_norm import fold_input_norm
+
+        fold_input_norm(self, norm)
 
     # --- arrays (params.npz) -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from saescope.sae.topk import TopKSAE
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     array_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    latents_rescalable = True  # released as a JumpReLU: per-latent thresholds
     #: the running mean becomes an exponential average over about this many batches
     threshold_window = 1000
 
@@ -67,6 +68,20 @@ class BatchTopKSAE(TopKSAE):
         )
 
     @torch.no_grad()
+    def to_jumprelu(self):
+        """The same SAE as a :class:`~saescope.sae.jumprelu.JumpReLUSAE`: its inference code is
+        already ReLU(π)·1[π > θ], so every latent of every token is unchanged (Gemma Scope 2
+        trained its multi-layer models as BatchTopK and released them as JumpReLU)."""
+        from dataclasses import replace
+
+        from saescope.sae.jumprelu import JumpReLUSAE
+
+        out = JumpReLUSAE(replace(self.cfg, architecture="jumprelu", k=None,
+                                  metadata={**self.cfg.metadata, "trained_as": "batchtopk", "k": self.cfg.k}))
+        out.load_arrays(self.to_arrays())
+        return out.to(self.W_enc.device)
+
+    @torch.no_grad()
     def update_threshold_(self, f_BF: torch.Tensor) -> None:
         """θ ← θ + (m − θ)/min(n, window), m = the smallest kept activation of this batch."""
         kept = f_BF[f_BF > 0]
@@ -76,5 +91,5 @@ class BatchTopKSAE(TopKSAE):
         rate = 1.0 / self.threshold_batches.clamp(max=self.threshold_window).to(f_BF.dtype)
         self.threshold.add_(rate * (kept.min() - self.threshold))
 
-    def _fold_extra(self, scale: float) -> None:
-        self.threshold.mul_(scale)
+    def _scale_latents_(self, n_F: torch.Tensor) -> None:
+        self.threshold.mul_(n_F)  # θ′ = C·θ (per latent)

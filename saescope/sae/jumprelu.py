@@ -28,6 +28,7 @@ class JumpReLUSAE(SAE):
     """
 
     architecture = "jumprelu"
+    latents_rescalable = True
     array_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
     def __init__(self, cfg: SAEConfig, step_path: str = "auto"):
@@ -60,8 +61,8 @@ class JumpReLUSAE(SAE):
         latent whose θ reaches the floor still gets gradient)."""
         self.threshold.clamp_(min=minimum)
 
-    def _fold_extra(self, scale: float) -> None:
-        self.threshold.mul_(scale)  # θ′ = C·θ
+    def _scale_latents_(self, n_F: torch.Tensor) -> None:
+        self.threshold.mul_(n_F)  # θ′ = C·θ (per latent)
 
 
 def l0_penalised_loss(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, l0: torch.Tensor, fired_F: torch.Tensor,

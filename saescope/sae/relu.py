@@ -15,6 +15,7 @@ from saescope.sae.base import SAE, LossOutput
 
 class ReLUSAE(SAE):
     architecture = "relu"
+    latents_rescalable = True
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.pre_activations(x_BD).relu()

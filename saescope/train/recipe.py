@@ -62,6 +62,10 @@ class Recipe:
     #: within a fraction of a percent for activations whose squared norms vary by tens of
     #: percent, and cost a few dozen batches, negligible next to a run.
     scale_estimate_tokens: int = 131_072
+    #: the fixed map inputs are trained behind: "scalar" (the paper: x/C, E‖x/C‖² = 1),
+    #: "centred" ((x − mean)/C′) or "diagonal" (per dimension: (x − mean)/σ_d/√D); all give
+    #: E‖x_n‖² = 1 (see saescope.sae.input_norm).  Folded exactly into the release.
+    input_norm: str = "scalar"
 
     # --- SAE constraints and JumpReLU specifics ---
     #: project the parallel component out of W_dec's gradient, renormalise rows after the step
@@ -100,6 +104,8 @@ class Recipe:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.scale_estimate_tokens < 1 or self.dead_window_tokens < 1:
             raise ValueError("scale_estimate_tokens and dead_window_tokens must be >= 1")
+        if self.input_norm not in ("scalar", "centred", "diagonal"):
+            raise ValueError(f"input_norm must be 'scalar', 'centred' or 'diagonal', got {self.input_norm!r}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.threshold_init <= 0 or self.bandwidth <= 0 or self.threshold_min <= 0:

@@ -24,11 +24,12 @@ from collections.abc import Callable
 import torch
 
 from saescope.sae.base import SAE
+from saescope.sae.input_norm import InputNorm
 from saescope.sites import Site
 from saescope.train.recipe import Recipe
 
 # Metric sums accumulated per step, in this order (index into the accumulator tensors).
-_SUMS = ("steps", "loss", "mse", "l0", "aux", "resid_ss", "total_ss")
+_SUMS = ("steps", "loss", "mse", "l0", "aux", "resid_ss", "total_ss", "rows")
 
 
 class NonFiniteError(RuntimeError):
@@ -49,6 +50,8 @@ class SAETrainer:
             SAEs, whatever coefficient their ``loss`` takes (e.g. the auxiliary-loss weight).
         n_steps: the run's length (for an optional lr decay and the final-metrics window).
         input_scale: C for this SAE's site; batches are divided by it.
+        input_norm: instead of ``input_scale``, any :class:`~saescope.sae.input_norm.InputNorm`
+            (e.g. per-dimension); metrics are then still reported in raw units.
         name, site: for error messages and logs.
         reduce_grads: called with the SAE after backward, before the gradients are read
             (data-parallel all-reduce).
@@ -64,6 +67,7 @@ class SAETrainer:
         sparsity_coefficient: float,
         n_steps: int,
         input_scale: float = 1.0,
+        input_norm: InputNorm | None = None,
         name: str = "sae",
         site: Site | None = None,
         reduce_grads: Callable[[SAE], None] | None = None,
@@ -78,13 +82,21 @@ class SAETrainer:
         self.sparsity_coefficient = float(sparsity_coefficient)
         self.n_steps = n_steps
         self.input_scale = float(input_scale)
+        if input_norm is not None and input_norm.mode == "scalar":
+            self.input_scale, input_norm = input_norm.scalar, None
+        #: a non-scalar input map (None: divide by ``input_scale``)
+        self.input_norm = input_norm
         self.name = name
         self.site = site
         self.reduce_grads = reduce_grads
         self.final_steps = final_steps
         self.error: str | None = None  # set when the SAE stopped (NaN/Inf)
+        #: L0 of the final weights' inference code on the last batch (the released SAE's L0)
+        self.released_l0: float | None = None
 
         self.device = next(sae.parameters()).device
+        if hasattr(sae, "threshold_window"):  # BatchTopK: θ averages the last ~10% of a short run
+            sae.threshold_window = max(1, min(type(sae).threshold_window, n_steps // 10))
         self.optimizer = torch.optim.Adam(
             sae.parameters(), lr=recipe.lr, betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
             fused=True,  # one kernel per step: ~4x faster than the default on CPU, and on CUDA
@@ -105,7 +117,8 @@ class SAETrainer:
         if self.error is not None:
             raise RuntimeError(f"SAE {self.name} already stopped: {self.error}")
         sae, recipe = self.sae, self.recipe
-        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True) / self.input_scale
+        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        x_BD = self.input_norm.apply(x_BD) if self.input_norm is not None else x_BD / self.input_scale
         lr = recipe.lr_at(step, self.n_steps)
         coefficient = self.sparsity_coefficient * recipe.sparsity_factor_at(step)
         for group in self.optimizer.param_groups:
@@ -131,6 +144,9 @@ class SAETrainer:
             sae.clamp_threshold_(recipe.threshold_min)
 
         step_sums = self._accumulate(x_BD, out, step)
+        if step == self.n_steps - 1 and not hasattr(sae, "gather_full"):  # (a latent shard sees part)
+            with torch.no_grad():
+                self.released_l0 = float((sae.encode(x_BD) != 0).sum(-1).double().mean())
         self._last_step = step
         if not return_metrics:
             return None
@@ -160,10 +176,15 @@ class SAETrainer:
     def _accumulate(self, x_BD: torch.Tensor, out, step: int) -> torch.Tensor:
         B = x_BD.shape[0]
         x_hat_BD = out.x_hat_BD.float()
-        resid_ss = (x_BD - x_hat_BD).pow(2).sum()
+        err_BD, dev_BD = x_BD - x_hat_BD, x_BD - x_BD.mean(dim=0)
+        if self.input_norm is not None:  # FVU in raw units, as eval reports it
+            gain_D = self.input_norm.gain_D.to(self.device)
+            err_BD, dev_BD = err_BD / gain_D, dev_BD / gain_D
+        resid_ss = err_BD.pow(2).sum()
         # FVU's denominator is the variance about the batch mean, not about zero.
-        total_ss = (x_BD - x_BD.mean(dim=0)).pow(2).sum()
-        parts = [torch.ones((), device=self.device), out.total.detach(), out.mse, out.l0, out.aux, resid_ss, total_ss]
+        total_ss = dev_BD.pow(2).sum()
+        parts = [torch.ones((), device=self.device), out.total.detach(), out.mse, out.l0, out.aux, resid_ss, total_ss,
+                 torch.full((), B, device=self.device)]
         step_sums = torch.stack([p.to(torch.float64) for p in parts])
         self.log_sums += step_sums
         if step >= self.n_steps - self.final_steps:
@@ -191,6 +212,9 @@ class SAETrainer:
             "l0": named["l0"] / n,
             "aux": named["aux"] / n,
             "fvu": named["resid_ss"] / named["total_ss"] if named["total_ss"] > 0 else float("nan"),
+            #: ‖x − x̂‖² in raw activation units (mean over tokens)
+            "mse_raw": named["resid_ss"] / named["rows"] * (self.input_scale**2 if self.input_norm is None else 1.0)
+            if named["rows"] > 0 else float("nan"),
             "dead_fraction": named["dead_fraction"],
             "lr": self.recipe.lr_at(step, self.n_steps),
             "sparsity_coefficient": self.sparsity_coefficient * self.recipe.sparsity_factor_at(step),
@@ -227,7 +251,8 @@ class SAETrainer:
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def state_meta(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "error": self.error, "last_step": self._last_step}
+        return {"tokens_seen": self.tokens_seen, "error": self.error, "last_step": self._last_step,
+                "released_l0": self.released_l0}
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -254,3 +279,4 @@ class SAETrainer:
         self.tokens_seen = int(meta["tokens_seen"])
         self.error = meta["error"]
         self._last_step = int(meta["last_step"])
+        self.released_l0 = meta.get("released_l0")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from saescope.activations.source import BatchSource
 from saescope.sae.base import SAE, SAEConfig
+from saescope.sae.input_norm import InputNorm
 from saescope.sites import Site
 from saescope.train.checkpoint import CheckpointDir
 from saescope.train.plan import TrainPlan
@@ -74,6 +75,10 @@ class TrainedSAE:
     metrics: dict[str, float] | None
     tokens_seen: int
     error: str | None
+    #: the input map the SAE was trained behind (folded into the release)
+    norm: InputNorm | None = None
+    #: L0 of the final weights' inference code on the last training batch
+    released_l0: float | None = None
 
 
 def scale_estimate_batches(recipe: Recipe, n_steps: int) -> int:
@@ -121,6 +126,42 @@ def estimate_input_scales(
         c = math.sqrt(sum_sq[site] / count) if math.isfinite(sum_sq[site]) else float("nan")
         scales[site] = c if math.isfinite(c) and c > 0 else float("nan")
     return scales
+
+
+@torch.no_grad()
+def estimate_input_norms(
+    source: BatchSource, sites: list[Site], *, mode: str, batch_size: int, n_tokens: int, seed: int = 0,
+    reduce_sums: Callable[[torch.Tensor], None] | None = None,
+) -> dict[Site, InputNorm]:
+    """Each site's :class:`InputNorm` from the first ``ceil(n_tokens / batch_size)`` batches.
+
+    ``"scalar"`` is :func:`estimate_input_scales` (the paper's C); the other modes stream Σx and
+    Σx² per dimension in float64.  ``reduce_sums`` sums the statistics over ranks in place."""
+    if mode == "scalar":
+        scales = estimate_input_scales(source, sites, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
+                                       reduce_sums=reduce_sums)
+        return {site: InputNorm.from_scale(c, source.d_in[site]) for site, c in scales.items()}
+    n_batches = max(1, math.ceil(n_tokens / batch_size))
+    sums = {site: torch.zeros(2, source.d_in[site], dtype=torch.float64) for site in sites}
+    count = 0.0
+    batches = source.iter_batches(batch_size, seed=seed, skip_batches=0)
+    for _ in range(n_batches):
+        batch = next(batches)
+        for site in sites:
+            x = batch[site].double()
+            sums[site][0] += x.sum(0)
+            sums[site][1] += x.square().sum(0)
+        count += batch[sites[0]].shape[0]
+    if reduce_sums is not None:
+        flat = torch.cat([sums[site].reshape(-1) for site in sites] + [torch.tensor([count], dtype=torch.float64)])
+        reduce_sums(flat)
+        at = 0
+        for site in sites:
+            n = sums[site].numel()
+            sums[site] = flat[at:at + n].reshape(2, -1)
+            at += n
+        count = float(flat[-1])
+    return {site: InputNorm.from_sums(mode, count, sums[site][0], sums[site][1]) for site in sites}
 
 
 class Trainer:
@@ -186,6 +227,8 @@ class Trainer:
         self.sites = sorted({s.site for s in self.specs})
         self.trainers: list[SAETrainer] = []
         self.scales: dict[Site, float] = {}
+        #: each site's input map (scalar mode: x / scales[site])
+        self.norms: dict[Site, InputNorm] = {}
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -224,6 +267,7 @@ class Trainer:
             sparsity_coefficient=spec.sparsity_coefficient or 0.0,
             n_steps=self.n_steps,
             input_scale=scale if math.isfinite(scale) else 1.0,
+            input_norm=self.norms[spec.site] if self.recipe.input_norm != "scalar" else None,
             name=spec.name,
             site=spec.site,
             reduce_grads=self.plan.reduce_grads,
@@ -250,12 +294,18 @@ class Trainer:
             start, folder = latest
             state, tensors = ckpt.load(folder)
             self.scales = {Site.parse(k): (v if v is not None else float("nan")) for k, v in state["scales"].items()}
+            self.norms = {Site.parse(k): InputNorm.from_dict(d, self.source.d_in[Site.parse(k)])
+                          for k, d in state.get("input_norms", {}).items()}
         else:
-            self.scales = estimate_input_scales(
-                self.source, self.sites, batch_size=self.recipe.batch_size, seed=self.data_seed,
+            self.norms = estimate_input_norms(
+                self.source, self.sites, mode=self.recipe.input_norm, batch_size=self.recipe.batch_size,
+                seed=self.data_seed, reduce_sums=self.plan.reduce_sums,
                 n_tokens=planned_reads(self.recipe, self.n_steps, 0)[0][1] * self.recipe.batch_size,
-                reduce_sums=self.plan.reduce_sums,
             )
+            self.scales = {site: (n.scalar if n.mode == "scalar" else (1.0 if n.is_finite else math.nan))
+                           for site, n in self.norms.items()}
+        if self.recipe.input_norm == "scalar" or not self.norms:
+            self.norms = {site: InputNorm.from_scale(c, self.source.d_in[site]) for site, c in self.scales.items()}
         self.trainers = [self._make_trainer(spec) for spec in self.specs]
         if latest is not None:
             for t in self.trainers:
@@ -276,7 +326,7 @@ class Trainer:
         self.plan.finish(self.trainers)
         return [
             TrainedSAE(spec, t.sae, self.scales[spec.site], t.final_metrics() if t.error is None else None,
-                       t.tokens_seen, t.error)
+                       t.tokens_seen, t.error, self.norms[spec.site], t.released_l0)
             for spec, t in zip(self.specs, self.trainers)
         ]
 
@@ -329,6 +379,8 @@ class Trainer:
     def save_checkpoint(self, step: int, ckpt: CheckpointDir) -> Path:
         state = {
             "scales": {s.name: c for s, c in self.scales.items()},
+            **({"input_norms": {s.name: n.to_dict() for s, n in self.norms.items()}}
+               if self.recipe.input_norm != "scalar" else {}),
             "saes": {t.name: t.state_meta() for t in self.trainers},
         }
         return ckpt.save(step, state, {t.name: t.state_tensors() for t in self.trainers})

@@ -1,0 +1,126 @@
+"""The fixed affine map an SAE is trained behind, and how it folds into the released weights.
+
+SAEs train on ``x_n = (x − shift_D) ⊙ gain_D`` and predict ``x̂_n``; the release must act on raw
+activations (Gemma Scope's files).  Two modes (``Recipe.input_norm``):
+
+* ``"scalar"`` — the paper's: shift 0, gain 1/C with E‖x/C‖² = 1 (Gemma Scope §3.1).
+* ``"centred"`` — shift = the data mean, gain 1/C′ with E‖x − mean‖²/C′² = 1: the scalar map
+  about the mean.  Where the mean is large (Gemma 3's massive dimensions), the paper's C is
+  mostly the mean's norm and squeezes the variance the SAE must explain into a small share of
+  its unit budget.
+* ``"diagonal"`` — per dimension: shift = the data mean, gain_d = 1/(σ_d·√D), so every dimension
+  has variance 1/D and E‖x_n‖² = 1 still (ε, θ₀ and λ keep their meaning).  Gemma 3 has a few
+  massive dimensions (at layer 6 one holds ~80% of the variance); under the scalar map they
+  dominate the MSE and the SAE spends its dictionary on them, while the model's loss depends
+  on the error in the ordinary dimensions (docs/fidelity.md has the measurements).
+
+Folding is exact (:func:`fold_input_norm`); for architectures whose latents may be rescaled
+one by one (JumpReLU, ReLU: positively homogeneous, per-latent gates), the fold then rescales
+each latent so every released decoder row has unit norm in raw units — the decoder rule holds
+for the released file whatever map was used in training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("scalar", "centred", "diagonal")
+
+
+@dataclass
+class InputNorm:
+    """x_n = (x − shift_D) ⊙ gain_D, both (D,) float32 tensors."""
+
+    shift_D: torch.Tensor
+    gain_D: torch.Tensor
+    mode: str = "scalar"
+
+    def apply(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - self.shift_D.to(x_BD.device)) * self.gain_D.to(x_BD.device)
+
+    @property
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.shift_D).all() and torch.isfinite(self.gain_D).all()
+                    and (self.gain_D > 0).all())
+
+    @property
+    def scalar(self) -> float:
+        """C of the scalar map (NaN for other modes): what the paper's configs record."""
+        if self.mode != "scalar":
+            return math.nan
+        return float(1.0 / self.gain_D[0])
+
+    @classmethod
+    def from_sums(cls, mode: str, count: float, sum_D: torch.Tensor, sum_sq_D: torch.Tensor) -> InputNorm:
+        """The map from streamed float64 sums Σx and Σx² over ``count`` tokens."""
+        if mode not in MODES:
+            raise ValueError(f"unknown input_norm {mode!r}; use one of {', '.join(MODES)}")
+        D = sum_D.numel()
+        mean_D = sum_D / count
+        if mode == "scalar":
+            c = math.sqrt(float(sum_sq_D.sum()) / count)
+            gain = 1.0 / c if math.isfinite(c) and c > 0 else math.nan
+            return cls(torch.zeros(D), torch.full((D,), gain), mode)
+        var_D = (sum_sq_D / count - mean_D.square()).clamp_min(0)
+        if mode == "centred":
+            c = math.sqrt(float(var_D.sum()))
+            gain = 1.0 / c if math.isfinite(c) and c > 0 else math.nan
+            return cls(mean_D.float(), torch.full((D,), gain), mode)
+        # a constant dimension gets the gain of an average one instead of an infinite one
+        std_D = var_D.sqrt()
+        floor = float(std_D.mean()) * 1e-3
+        gain_D = 1.0 / (std_D.clamp_min(floor if floor > 0 else 1e-30) * math.sqrt(D))
+        return cls(mean_D.float(), gain_D.float(), mode)
+
+    @classmethod
+    def from_scale(cls, scale: float, d_in: int) -> InputNorm:
+        return cls(torch.zeros(d_in), torch.full((d_in,), 1.0 / scale), "scalar")
+
+    def to_dict(self) -> dict:
+        if self.mode == "scalar":
+            return {"mode": "scalar", "scale": _finite_or_none(self.scalar)}
+        return {"mode": self.mode, "shift": self.shift_D.tolist(), "gain": self.gain_D.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict, d_in: int) -> InputNorm:
+        if d.get("mode", "scalar") == "scalar":
+            scale = d.get("scale")
+            return cls.from_scale(scale if scale is not None else math.nan, d_in)
+        return cls(torch.tensor(d["shift"], dtype=torch.float32), torch.tensor(d["gain"], dtype=torch.float32), d["mode"])
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def fold_input_norm(sae, norm: InputNorm) -> None:
+    """Turn a training-form ``sae`` (centred, on x_n) into release form on raw x, in place.
+
+    π = (x_n − b_dec)·W_enc + b_enc = x·(diag(g)·W_enc) + [b_enc − (s⊙g + b_dec)·W_enc], and
+    x = x̂_n ⊘ g + s = f·(W_dec ⊘ g) + (b_dec ⊘ g + s).  Then, where the architecture allows
+    (``sae.latents_rescalable``, or any architecture when the gain is one scalar), latent i is multiplied by n_i = ‖row i of W_dec‖ (W_enc's
+    column, b_enc and θ by n_i, the row by 1/n_i): the same reconstruction, unit-norm rows.
+    """
+    if not sae.cfg.centre_input:
+        raise ValueError("this SAE is already in release form")
+    if norm.mode == "scalar":  # the paper's fold: latents × C, the same for every architecture
+        sae.fold_input_scale(norm.scalar)
+        return
+    g_D, s_D = norm.gain_D.to(sae.W_enc), norm.shift_D.to(sae.W_enc)
+    sae.b_enc.sub_((s_D * g_D + sae.b_dec) @ sae.W_enc)
+    sae.W_enc.mul_(g_D[:, None])
+    sae.W_dec.div_(g_D[None, :])
+    sae.b_dec.div_(g_D).add_(s_D)
+    sae.cfg.centre_input = False
+    uniform = bool((norm.gain_D == norm.gain_D[0]).all())
+    if uniform or sae.latents_rescalable:  # one factor for all latents keeps TopK's ranking
+        n_F = (torch.full((sae.cfg.d_sae,), float(1 / norm.gain_D[0]), device=sae.W_dec.device) if uniform
+               else sae.W_dec.norm(dim=1).clamp_min(1e-30))
+        sae.W_dec.div_(n_F[:, None])
+        sae.W_enc.mul_(n_F[None, :])
+        sae.b_enc.mul_(n_F)
+        sae._scale_latents_(n_F)
