@@ -59,10 +59,11 @@ def ensure_store(data: Path, tokens: int) -> Path:
 
 
 def train_variant(store: Path, site: str, name: str, width: int, tokens: int, batch: int, out: Path):
-    from saescope.store import StoreReader
+    from saescope.activations.store import StoreReader
     from saescope.train.recipe import Recipe
+    from saescope.train.run import train_and_release
     from saescope.train.spec import K_ARCHITECTURES, SAESpec
-    from saescope.train.trainer import Trainer
+    from saescope.train.trainer import TrainOptions, Trainer
 
     arch, sparsity, overrides, _ = VARIANTS[name]
     n_steps = tokens // batch
@@ -70,8 +71,8 @@ def train_variant(store: Path, site: str, name: str, width: int, tokens: int, ba
     spec = (SAESpec(site, arch, width, k=int(sparsity)) if arch in K_ARCHITECTURES
             else SAESpec(site, arch, width, sparsity_coefficient=sparsity))
     t0 = time.perf_counter()
-    folders = Trainer(StoreReader(store, [site]), [spec], recipe, out, n_steps=n_steps, progress=False,
-                      checkpoint_every=10**9).fit()
+    folders = train_and_release(Trainer(StoreReader(store, [site]), [spec], recipe, out, n_steps=n_steps,
+                                        options=TrainOptions(progress=False, checkpoint_every=10**9)))
     return folders[0], time.perf_counter() - t0, n_steps
 
 

@@ -73,8 +73,8 @@ def test_report_renders_with_every_plot_and_every_sae(release):
     assert page == release.parent / "report" / "report.html"
     text = page.read_text()
     images = re.findall(r"<img src='([^']+)'", text)
-    assert set(images) == {"delta_loss_vs_l0.png", "fvu_vs_l0.png", "canonical_by_layer.png", "by_position.png",
-                           "firing_frequency.png", "by_subset.png"}
+    assert set(images) == {"delta_loss_vs_l0.png", "ce_recovered_vs_l0.png", "fvu_std_vs_l0.png", "fvu_vs_l0.png",
+                           "canonical_by_layer.png", "by_position.png", "firing_frequency.png", "by_subset.png"}
     for name in images:
         png = page.parent / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name

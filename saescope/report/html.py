@@ -14,15 +14,16 @@ from saescope.report import plots
 from saescope.report.data import ReportData, load_report_data
 
 #: table columns: (metrics.json key, header, format, higher is worse)
-COLUMNS = (
+COLUMNS = (  # what the model feels first (loss), then reconstruction
     ("l0", "L0", "{:.1f}", None),
+    ("delta_loss", "Δ loss", "{:.4f}", True),
+    ("ce_loss_score", "CE recovered", "{:.4f}", False),
+    ("kl_div", "KL", "{:.4f}", True),
+    ("fvu_std", "FVU (per-dim std.)", "{:.4f}", True),
     ("fvu", "FVU", "{:.4f}", True),
     ("mse", "MSE", "{:.4g}", None),
     ("cossim", "cos(x, x̂)", "{:.4f}", False),
     ("l2_ratio", "‖x̂‖/‖x‖", "{:.3f}", None),
-    ("delta_loss", "Δ loss", "{:.4f}", True),
-    ("ce_loss_score", "CE recovered", "{:.4f}", False),
-    ("kl_div", "KL", "{:.4f}", True),
     ("frac_dead", "dead", "{:.2%}", True),
     ("frac_high_freq", ">10% freq", "{:.2%}", True),
 )
@@ -108,10 +109,17 @@ def _kind_summary(data: ReportData) -> str:
             values = [e.get(key) for e in canon if math.isfinite(e.get(key))]
             return sum(values) / len(values) if values else math.nan
 
+        def low(key, canon=canon):
+            values = [e.get(key) for e in canon if math.isfinite(e.get(key))]
+            return min(values) if values else math.nan
+
         rows.append(f"<tr><td class='l'>{kind}</td><td>{len(canon)}</td><td>{_fmt(mean('l0'), '{:.1f}')}</td>"
-                    f"<td>{_fmt(mean('fvu'), '{:.4f}')}</td><td>{_fmt(mean('delta_loss'), '{:.4f}')}</td></tr>")
-    return ("<table><thead><tr><th>site kind</th><th>sites</th><th>mean L0</th><th>mean FVU</th>"
-            "<th>mean Δ loss</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+                    f"<td>{_fmt(mean('delta_loss'), '{:.4f}')}</td><td>{_fmt(mean('ce_loss_score'), '{:.3f}')}</td>"
+                    f"<td>{_fmt(low('ce_loss_score'), '{:.3f}')}</td><td>{_fmt(mean('fvu_std'), '{:.4f}')}</td>"
+                    f"<td>{_fmt(mean('fvu'), '{:.4f}')}</td></tr>")
+    return ("<table><thead><tr><th>site kind</th><th>sites</th><th>mean L0</th><th>mean Δ loss</th>"
+            "<th>mean CE recovered</th><th>worst CE recovered</th><th>mean FVU (per-dim std.)</th>"
+            "<th>mean FVU</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
 def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, *,
@@ -129,6 +137,12 @@ def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, 
     figures = [
         ("Delta LM loss against L0", plots.tradeoff(data, "delta_loss", "delta LM loss (nats)", out / "delta_loss_vs_l0.png"),
          "Cross-entropy increase when the SAE's reconstruction replaces the site (spliced at every position but BOS)."),
+        ("CE loss recovered against L0", plots.tradeoff(data, "ce_loss_score", "CE loss recovered",
+                                                       out / "ce_recovered_vs_l0.png", higher_is_better=True),
+         "(CE with the site zero-ablated − CE spliced) / (CE zero-ablated − CE clean): 1 is perfect, 0 is as bad as deleting the site."),
+        ("FVU after per-dimension standardisation against L0",
+         plots.tradeoff(data, "fvu_std", "FVU (per-dim std.)", out / "fvu_std_vs_l0.png"),
+         "Each dimension's FVU, averaged over dimensions: a few massive dimensions cannot dominate it."),
         ("FVU against L0", plots.tradeoff(data, "fvu", "FVU", out / "fvu_vs_l0.png"),
          "Fraction of variance unexplained, variance taken about the mean activation."),
         ("Canonical SAEs across layers", plots.canonical_by_layer(data, out / "canonical_by_layer.png"),
@@ -152,6 +166,7 @@ def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, 
          f"<code>{release_link}</code>{'; ' + meta if meta else ''}</p>"),
         "<h2>At a glance</h2><ul>",
         _hardest(data, "delta_loss", "delta loss"),
+        _hardest(data, "fvu_std", "FVU after per-dimension standardisation"),
         _hardest(data, "fvu", "FVU"),
         "</ul>",
         _kind_summary(data),

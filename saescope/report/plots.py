@@ -56,12 +56,16 @@ def _finite(values) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
-def tradeoff(data: ReportData, metric: str, label: str, path: Path) -> Path:
+def tradeoff(data: ReportData, metric: str, label: str, path: Path, *, higher_is_better: bool = False) -> Path:
     """``metric`` against L0, one panel per site kind, one line per layer; canonical SAEs ringed."""
     color_of, mappable = _layer_colors(data)
     fig, axes = _columns(len(data.kinds))
     for ax, kind in zip(axes[0], data.kinds):
         entries = data.of_kind(kind)
+        ax.set_title(KIND_TITLES.get(kind, kind))
+        if not any(math.isfinite(e.get(metric)) and math.isfinite(e.get("l0")) and e.get("l0") > 0 for e in entries):
+            ax.text(0.5, 0.5, f"no {metric} in these metrics.json files", ha="center", transform=ax.transAxes)
+            continue
         for layer in sorted({e.site.layer for e in entries}):
             row = sorted((e for e in entries if e.site.layer == layer), key=lambda e: e.get("l0"))
             ax.plot([e.get("l0") for e in row], [e.get(metric) for e in row], "o-", ms=4, lw=1.4,
@@ -76,14 +80,15 @@ def tradeoff(data: ReportData, metric: str, label: str, path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(loc="best", fontsize=8)
     fig.colorbar(mappable, ax=axes[0].tolist(), label="layer", fraction=0.025, pad=0.01)
-    fig.suptitle(f"{label} against L0 (one line per layer; lower is better)")
+    fig.suptitle(f"{label} against L0 (one line per layer; {'higher' if higher_is_better else 'lower'} is better)")
     return _save(fig, path)
 
 
 def canonical_by_layer(data: ReportData, path: Path) -> Path:
-    """Delta loss and FVU of the canonical SAEs across layers, a line per kind; the worst site marked."""
+    """Delta loss and per-dimension FVU of the canonical SAEs across layers, a line per kind; the worst site marked."""
     fig, axes = _columns(2)
-    for ax, (metric, label) in zip(axes[0], (("delta_loss", "delta LM loss (nats)"), ("fvu", "FVU"))):
+    for ax, (metric, label) in zip(axes[0], (("delta_loss", "delta LM loss (nats)"),
+                                             ("fvu_std", "FVU (per-dim std.)"))):
         worst: tuple[float, SAEEntry] | None = None
         for kind in data.kinds:
             canon = data.canonical_of_kind(kind)
