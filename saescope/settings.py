@@ -103,7 +103,8 @@ def overrides(cls, args) -> dict[str, Any]:
 
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm")
+RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
+                 "adam_beta1")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ class TrainSettings:
     #: input map folded into the release: scalar (the paper's C), centred (C about the mean) or
     #: diagonal (per dimension; for massive dimensions such as Gemma 3's)
     input_norm: str = field(default="scalar", metadata={"choices": ("scalar", "centred", "diagonal")})
+    #: diagonal input map only: divide dimension d by σ_d to this power (1: standardise)
+    input_norm_power: float = 1.0
+    #: cosine lr decay to 0 over this final fraction of the run (0: none, the paper)
+    lr_decay_fraction: float = 0.0
+    #: Adam β1 (the paper: 0)
+    adam_beta1: float = 0.0
     #: initialisation, data-order and corpus-split seed
     seed: int = 0
     #: cpu, cuda, cuda:1, ... or auto (cuda if available); changes no result

@@ -98,3 +98,15 @@ def test_constant_dimension_gets_a_finite_gain():
     norm = _norm(x, "diagonal")
     assert norm.is_finite
     assert torch.isfinite(norm.apply(x)).all()
+
+
+def test_diagonal_power_shrinks_massive_dimensions_partially():
+    x = _data()
+    xd = x.double()
+    half = InputNorm.from_sums("diagonal", x.shape[0], xd.sum(0), xd.square().sum(0), power=0.5)
+    xn = half.apply(x)
+    assert xn.pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=1e-4)
+    std = x.std(0, unbiased=False)
+    # gain ∝ σ^-1/2: the massive dimension keeps sqrt of its size advantage
+    ratio = (half.gain_D[3] / half.gain_D[0]).item()
+    assert ratio == pytest.approx((std[3] / std[0]).item() ** -0.5, rel=1e-3)

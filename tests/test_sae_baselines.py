@@ -150,3 +150,47 @@ def test_relu_penalty_is_l1_weighted_by_decoder_norms():
     expected = 0.25 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
     torch.testing.assert_close(out.sparsity, expected.detach())
     assert isinstance(make("topk"), TopKSAE)
+
+
+def test_batchtopk_released_as_jumprelu_fires_the_same_latents_on_its_last_batch():
+    """TopK → JumpReLU conversion: after training, the released JumpReLU (θ calibrated on the last
+    batch, scale folded in) gives exactly the batch-level top-k code on that batch."""
+    from saescope.sae.input_norm import InputNorm
+    from saescope.sae.jumprelu import JumpReLUSAE
+    from saescope.train.recipe import Recipe
+    from saescope.train.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sae = make("batchtopk", d_sae=128, k=4)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, sae.cfg.d_in, generator=g) * 3 for _ in range(6)]
+    trainer = SAETrainer(sae, Recipe.for_steps(6, lr=1e-2, batch_size=64), sparsity_coefficient=0.0, n_steps=6,
+                         input_scale=3.0)
+    for step, x in enumerate(batches):
+        trainer.update(step, x, return_metrics=False)
+    with torch.no_grad():
+        trained_BF = sae._batch_topk(sae.pre_activations(batches[-1] / 3.0))
+        sae.eval()
+        released = copy.deepcopy(sae)
+        released.fold_input_norm(InputNorm.from_scale(3.0, sae.cfg.d_in))
+        released = released.to_jumprelu()
+        assert isinstance(released, JumpReLUSAE) and released.cfg.metadata["trained_as"] == "batchtopk"
+        f_BF = released.encode(batches[-1])
+    assert torch.equal(f_BF != 0, trained_BF != 0)
+    assert torch.allclose(f_BF, 3.0 * trained_BF, rtol=1e-5, atol=1e-5)
+    assert trainer.released_l0 == pytest.approx(4.0)
+
+
+def test_batch_top_values_is_exactly_topk():
+    """The candidate-cut fast path picks exactly torch.topk's values and indices (and gradient)."""
+    from saescope.sae.batchtopk import _top_values
+
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        acts = torch.randn(512 * 512, generator=g).relu().requires_grad_()
+        values, indices = _top_values(acts, 512 * 20)
+        ref_values, ref_indices = acts.topk(512 * 20, sorted=False)
+        assert torch.equal(indices.sort().values, ref_indices.sort().values)
+        assert torch.equal(values.sort().values, ref_values.sort().values)
+        values.sum().backward()
+        assert acts.grad.sum().item() == 512 * 20

@@ -8,8 +8,10 @@ activations (Gemma Scope's files).  Two modes (``Recipe.input_norm``):
   about the mean.  Where the mean is large (Gemma 3's massive dimensions), the paper's C is
   mostly the mean's norm and squeezes the variance the SAE must explain into a small share of
   its unit budget.
-* ``"diagonal"`` — per dimension: shift = the data mean, gain_d = 1/(σ_d·√D), so every dimension
-  has variance 1/D and E‖x_n‖² = 1 still (ε, θ₀ and λ keep their meaning).  Gemma 3 has a few
+* ``"diagonal"`` — per dimension: shift = the data mean, gain_d ∝ σ_d^(−p), scaled so that
+  E‖x_n‖² = 1 still (ε, θ₀ and λ keep their meaning).  p = 1 standardises every dimension
+  (variance 1/D each); p = 0.5 goes halfway on a log scale, shrinking a dimension 100× the
+  typical σ to 10×.  Gemma 3 has a few
   massive dimensions (at layer 6 one holds ~80% of the variance); under the scalar map they
   dominate the MSE and the SAE spends its dictionary on them, while the model's loss depends
   on the error in the ordinary dimensions (docs/fidelity.md has the measurements).
@@ -54,8 +56,10 @@ class InputNorm:
         return float(1.0 / self.gain_D[0])
 
     @classmethod
-    def from_sums(cls, mode: str, count: float, sum_D: torch.Tensor, sum_sq_D: torch.Tensor) -> InputNorm:
-        """The map from streamed float64 sums Σx and Σx² over ``count`` tokens."""
+    def from_sums(cls, mode: str, count: float, sum_D: torch.Tensor, sum_sq_D: torch.Tensor,
+                  power: float = 1.0) -> InputNorm:
+        """The map from streamed float64 sums Σx and Σx² over ``count`` tokens (``power``: the
+        exponent p of the diagonal mode)."""
         if mode not in MODES:
             raise ValueError(f"unknown input_norm {mode!r}; use one of {', '.join(MODES)}")
         D = sum_D.numel()
@@ -72,7 +76,8 @@ class InputNorm:
         # a constant dimension gets the gain of an average one instead of an infinite one
         std_D = var_D.sqrt()
         floor = float(std_D.mean()) * 1e-3
-        gain_D = 1.0 / (std_D.clamp_min(floor if floor > 0 else 1e-30) * math.sqrt(D))
+        gain_D = std_D.clamp_min(floor if floor > 0 else 1e-30).pow(-power)
+        gain_D = gain_D / (var_D * gain_D.square()).sum().sqrt()  # E‖x_n‖² = 1
         return cls(mean_D.float(), gain_D.float(), mode)
 
     @classmethod

@@ -66,6 +66,8 @@ class Recipe:
     #: "centred" ((x − mean)/C′) or "diagonal" (per dimension: (x − mean)/σ_d/√D); all give
     #: E‖x_n‖² = 1 (see saescope.sae.input_norm).  Folded exactly into the release.
     input_norm: str = "scalar"
+    #: "diagonal" only: dimension d is divided by σ_d to this power (1: full standardisation)
+    input_norm_power: float = 1.0
 
     # --- SAE constraints and JumpReLU specifics ---
     #: project the parallel component out of W_dec's gradient, renormalise rows after the step

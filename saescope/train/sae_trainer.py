@@ -95,8 +95,6 @@ class SAETrainer:
         self.released_l0: float | None = None
 
         self.device = next(sae.parameters()).device
-        if hasattr(sae, "threshold_window"):  # BatchTopK: θ averages the last ~10% of a short run
-            sae.threshold_window = max(1, min(type(sae).threshold_window, n_steps // 10))
         self.optimizer = torch.optim.Adam(
             sae.parameters(), lr=recipe.lr, betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
             fused=True,  # one kernel per step: ~4x faster than the default on CPU, and on CUDA
@@ -145,6 +143,8 @@ class SAETrainer:
 
         step_sums = self._accumulate(x_BD, out, step)
         if step == self.n_steps - 1 and not hasattr(sae, "gather_full"):  # (a latent shard sees part)
+            if hasattr(sae, "calibrate_threshold_"):  # BatchTopK
+                sae.calibrate_threshold_(x_BD)
             with torch.no_grad():
                 self.released_l0 = float((sae.encode(x_BD) != 0).sum(-1).double().mean())
         self._last_step = step

@@ -131,7 +131,7 @@ def estimate_input_scales(
 @torch.no_grad()
 def estimate_input_norms(
     source: BatchSource, sites: list[Site], *, mode: str, batch_size: int, n_tokens: int, seed: int = 0,
-    reduce_sums: Callable[[torch.Tensor], None] | None = None,
+    reduce_sums: Callable[[torch.Tensor], None] | None = None, power: float = 1.0,
 ) -> dict[Site, InputNorm]:
     """Each site's :class:`InputNorm` from the first ``ceil(n_tokens / batch_size)`` batches.
 
@@ -161,7 +161,7 @@ def estimate_input_norms(
             sums[site] = flat[at:at + n].reshape(2, -1)
             at += n
         count = float(flat[-1])
-    return {site: InputNorm.from_sums(mode, count, sums[site][0], sums[site][1]) for site in sites}
+    return {site: InputNorm.from_sums(mode, count, sums[site][0], sums[site][1], power) for site in sites}
 
 
 class Trainer:
@@ -299,7 +299,7 @@ class Trainer:
         else:
             self.norms = estimate_input_norms(
                 self.source, self.sites, mode=self.recipe.input_norm, batch_size=self.recipe.batch_size,
-                seed=self.data_seed, reduce_sums=self.plan.reduce_sums,
+                seed=self.data_seed, reduce_sums=self.plan.reduce_sums, power=self.recipe.input_norm_power,
                 n_tokens=planned_reads(self.recipe, self.n_steps, 0)[0][1] * self.recipe.batch_size,
             )
             self.scales = {site: (n.scalar if n.mode == "scalar" else (1.0 if n.is_finite else math.nan))
