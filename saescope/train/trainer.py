@@ -82,9 +82,10 @@ class TrainedSAE:
 
 
 def scale_estimate_batches(recipe: Recipe, n_steps: int) -> int:
-    """Batches read to estimate C: the recipe's tokens, but never more than the run trains on
-    (a short run over an online source would otherwise compute activations twice over)."""
-    tokens = min(recipe.scale_estimate_tokens, n_steps * recipe.batch_size)
+    """Batches read to estimate C (or the input map): the recipe's tokens, but never more than a
+    quarter of what the run trains on (an online source computes the estimate's activations
+    once more; a quarter of a run is still ≥ 30k tokens for the CPU presets)."""
+    tokens = min(recipe.scale_estimate_tokens, max(1, n_steps // 4) * recipe.batch_size)
     return max(1, math.ceil(tokens / recipe.batch_size))
 
 
