@@ -157,8 +157,7 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
 
     specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
                   sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, seed=cfg.seed)
-    recipe = Recipe.for_steps(cfg.n_steps, lr=cfg.lr, batch_size=cfg.batch_size, dtype=cfg.dtype,
-                              b_dec_init=cfg.b_dec_init,
+    recipe = Recipe.for_steps(cfg.n_steps, **cfg.recipe_overrides(),
                               scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
     options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress)
     trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, data_seed=cfg.seed, model_name=cfg.model,
