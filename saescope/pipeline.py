@@ -106,7 +106,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) ->
             from saescope.evaluate.suite import EvalConfig, evaluate_release
 
             summary = evaluate_release(release, model, eval_corpus, EvalConfig(loss_tokens=cfg.eval_loss_tokens, zero_ablation=cfg.zero_ablation,
-                                                            progress=progress),
+                                                            dtype=cfg.eval_dtype, progress=progress),
                                        model_name=cfg.model)
             from saescope.release.metrics import choose_canonical, write_canonical
 

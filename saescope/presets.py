@@ -31,6 +31,8 @@ class RunConfig(TrainSettings):
     #: held-out tokens scored for the LM-loss metrics (delta loss, CE recovered, KL): each SAE
     #: costs one partial forward plus Gemma's 262k-word head per token; none = every eval token
     eval_loss_tokens: int | None = 1_024
+    #: precision of the model's forwards for the loss metrics: float32 or bfloat16 (autocast)
+    eval_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: zero-ablation forward per site, for CE loss recovered
     zero_ablation: bool = True
     #: tokens scanned for the feature browser

@@ -358,3 +358,23 @@ def test_real_gemma_3_270m_prefix_cache_and_identity():
     assert result["delta_loss"] == pytest.approx(0.0, abs=1e-4)
     assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
     assert result["ce_zero_ablation"] > result["ce_clean"] + 1.0  # deleting the residual stream hurts
+
+
+def test_bfloat16_forwards_agree_with_float32(tiny_model):
+    """bf16 autocast for the model's forwards (SAEs stay fp32): the same metrics within bf16's
+    precision, reconstruction on the recon-only sequences unchanged."""
+    model = tiny_model("gemma3")
+    corpus = fake_corpus()
+    saes = {str(s): (s, random_sae(site_width(model, s), seed=i))
+            for i, s in enumerate([Site(2, "resid_post"), Site(1, "mlp_out")])}
+    fp32 = evaluate(model, corpus, saes, EvalConfig(batch_seqs=2, progress=False))
+    bf16 = evaluate(model, corpus, saes, EvalConfig(batch_seqs=2, progress=False, dtype="bfloat16"))
+    for name in saes:
+        a, b = fp32["saes"][name], bf16["saes"][name]
+        assert b["kl_div"] >= 0
+        for key in ("ce_clean", "ce_spliced", "ce_zero_ablation"):
+            assert b[key] == pytest.approx(a[key], rel=2e-2), (name, key)
+        assert b["delta_loss"] == pytest.approx(a["delta_loss"], abs=2e-2 * max(1.0, abs(a["delta_loss"])))
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=2e-2)
+    with pytest.raises(ValueError, match="dtype"):
+        EvalConfig(dtype="float16")

@@ -71,8 +71,11 @@ class ZeroHook:
 class Batch:
     """A batch of sequences (rows of the corpus) on the model's device."""
 
-    def __init__(self, model: nn.Module, corpus: TokenizedCorpus, rows: np.ndarray, scored: np.ndarray):
+    def __init__(self, model: nn.Module, corpus: TokenizedCorpus, rows: np.ndarray, scored: np.ndarray,
+                 autocast_dtype: torch.dtype | None = None):
         self.model = model
+        #: the model's forwards (not the SAEs') run under autocast to this dtype, if given
+        self.autocast_dtype = autocast_dtype
         device = next(model.parameters()).device
         self.ids_BT = torch.from_numpy(corpus.input_ids[rows]).long().to(device)
         self.keep_BT = torch.from_numpy(corpus.keep_mask[rows]).to(device)
@@ -96,10 +99,11 @@ class Batch:
             for sae, acc in targets:
                 param = sae.W_dec
                 x = x_ND.to(device=param.device, dtype=param.dtype)
-                f = sae.encode(x)
-                x_hat = sae.decode(f)
-                acc.recon_subset.update(x, x_hat, f, self.subset_N)
-                acc.recon_position.update(x, x_hat, f, self.position_N)
+                with torch.autocast(x.device.type, enabled=False):  # SAEs in their own precision
+                    f = sae.encode(x)
+                    x_hat = sae.decode(f)
+                    acc.recon_subset.update(x, x_hat, f, self.subset_N)
+                    acc.recon_position.update(x, x_hat, f, self.position_N)
 
         return observe
 
@@ -112,11 +116,20 @@ class Batch:
         """
         observers = {site: self._observer(targets) for site, targets in by_site.items()}
         with hooked(self.model, observers):
-            if not with_loss:
+            if not with_loss:  # reconstruction only: the site activations in full precision
                 run_to_layer(self.model, max(s.layer for s in by_site), input_ids=self.ids_BT)
                 return
-            hidden_BTD, self.prefix = clean_forward(self.model, self.ids_BT, {s.layer for s in by_site})
-        self.reference = CleanReference(self.model, hidden_BTD[self.scored_BT], self.next_token_M, chunk)
+            with self._autocast():
+                hidden_BTD, self.prefix = clean_forward(self.model, self.ids_BT, {s.layer for s in by_site})
+        with self._autocast():
+            self.reference = CleanReference(self.model, hidden_BTD[self.scored_BT], self.next_token_M, chunk,
+                                            exact_head=self.autocast_dtype is None)
+
+    def _autocast(self):
+        device = self.ids_BT.device.type
+        if self.autocast_dtype is None:
+            return torch.autocast(device, enabled=False)
+        return torch.autocast(device, dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def run(self, site: Site, hook) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +139,9 @@ class Batch:
             raise RuntimeError("Batch.run needs observe(..., with_loss=True) first")
         handle = hook_site(self.model, site, hook)
         try:
-            hidden_BTD = forward_from(self.model, self.ids_BT, site.layer, self.prefix.get(site.layer))
+            with self._autocast():
+                hidden_BTD = forward_from(self.model, self.ids_BT, site.layer, self.prefix.get(site.layer))
         finally:
             handle.remove()
-        return self.reference.score(hidden_BTD[self.scored_BT])
+        with self._autocast():
+            return self.reference.score(hidden_BTD[self.scored_BT])

@@ -39,9 +39,11 @@ class CleanReference:
     """
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, hidden_MD: torch.Tensor, targets_M: torch.Tensor, chunk_tokens: int):
+    def __init__(self, model: nn.Module, hidden_MD: torch.Tensor, targets_M: torch.Tensor, chunk_tokens: int,
+                 exact_head: bool = True):
         self.model, self.targets_M, self.chunk = model, targets_M, chunk_tokens
-        self.linear = head_is_linear(model)
+        #: the fast route needs the head's logits exactly (not under bf16 autocast)
+        self.linear = head_is_linear(model) and exact_head
         head = model.get_output_embeddings()
         self.W_VD, self.b_V = head.weight, getattr(head, "bias", None)
         M = len(targets_M)

@@ -58,13 +58,14 @@ class SpliceHook:
     def __call__(self, x_BTD: torch.Tensor) -> torch.Tensor:
         param = self.sae.W_dec
         x = x_BTD.to(device=param.device, dtype=param.dtype)
-        f = self.sae.encode(x)
-        x_hat = self.sae.decode(f)
-        if self.record:
-            self.last = SpliceRecord(x, f, x_hat)
-        out = self.sae.decode(self.edit(f)) if self.edit is not None else x_hat
-        if self.keep_error:
-            out = out + (x - x_hat)
+        with torch.autocast(x.device.type, enabled=False):  # the SAE in its own precision, always
+            f = self.sae.encode(x)
+            x_hat = self.sae.decode(f)
+            if self.record:
+                self.last = SpliceRecord(x, f, x_hat)
+            out = self.sae.decode(self.edit(f)) if self.edit is not None else x_hat
+            if self.keep_error:
+                out = out + (x - x_hat)
         out = out.to(device=x_BTD.device, dtype=x_BTD.dtype)
         return keep_first_position(x_BTD, out) if self.skip_bos else out
 

@@ -64,12 +64,19 @@ class EvalConfig:
     batch_tokens: int = 8192
     #: budget for each big temporary (float32 tokens × vocabulary or tokens × latents), in MiB
     memory_mb: int = 1024
+    #: precision of the model's forwards for the loss metrics: float32, or bfloat16 autocast
+    #: (2–4× faster on CPUs with bf16 units and on GPUs; KL(fp32 ‖ bf16) of Gemma 3 270M itself
+    #: is ~0.003 nats).  SAEs always run in float32; reconstruction metrics on the loss
+    #: sequences see the autocast forward's activations.
+    dtype: str = "float32"
     #: show a progress bar
     progress: bool = True
 
     def __post_init__(self):
         if self.loss_tokens is not None and self.loss_tokens < 1:
             raise ValueError(f"loss_tokens must be >= 1 (or None for all), got {self.loss_tokens}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_seqs is not None and self.batch_seqs < 1:
             raise ValueError(f"batch_seqs must be >= 1, got {self.batch_seqs}")
 
@@ -122,7 +129,9 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
     seq_len = corpus.input_ids.shape[1]
     n_vocab = vocab_size(model)
     widest = max(sae.cfg.d_sae for _, sae in saes.values())
-    batch_seqs = cfg.sequences_per_batch(seq_len, n_vocab, widest, keeps_log_probs=not head_is_linear(model))
+    autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    batch_seqs = cfg.sequences_per_batch(seq_len, n_vocab, widest,
+                                         keeps_log_probs=not head_is_linear(model) or autocast is not None)
     chunk = cfg.chunk_tokens(n_vocab)
     scored = scored_positions(corpus)
     with_loss = loss_sequences(corpus, cfg.loss_tokens, cfg.seed)
@@ -149,7 +158,7 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
                disable=not cfg.progress)
     zero_hook = ZeroHook(skip_bos=not cfg.splice_bos)
     for rows in loss_batches:
-        batch = Batch(model, corpus, rows, scored)
+        batch = Batch(model, corpus, rows, scored, autocast)
         batch.observe(observed, with_loss=True, chunk=chunk)
         bar.update(1)
         for site in sites:
