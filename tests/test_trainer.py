@@ -29,7 +29,7 @@ class TinySAE(SAE):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), cfg.threshold_init))
+        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), 1e-3))  # threshold_init is JumpReLU's option
 
     def encode(self, x_BD):
         return torch.relu(self.pre_activations(x_BD))

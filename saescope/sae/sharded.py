@@ -26,8 +26,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from saescope.sae.base import LossOutput, SAEConfig
-from saescope.sae.jumprelu import JumpReLUSAE, l0_penalised_loss
+from saescope.sae.base import LossOutput
+from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE, l0_penalised_loss
 from saescope.sae.jumprelu_step import jumprelu_step
 
 
@@ -64,7 +64,7 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
     state, so a sharded run starts where a single-device one would.
     """
 
-    def __init__(self, cfg: SAEConfig, *, rank: int, world_size: int, group=None, step_path: str = "auto"):
+    def __init__(self, cfg: JumpReLUConfig, *, rank: int, world_size: int, group=None, step_path: str = "auto"):
         # Plain attributes read by reset_parameters(), which the base constructor calls.
         self.full_cfg = cfg
         self.shard_rank, self.shard_world_size, self.group = rank, world_size, group

@@ -12,16 +12,31 @@ Dead-latent bookkeeping lives in the buffer ``tokens_since_fired_F``, advanced b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as nnf
 
 from saescope.sae.base import SAE, LossOutput, SAEConfig
 
 
+@dataclass
+class TopKConfig(SAEConfig):
+    """TopK's (and BatchTopK's) options: latents kept per token (BatchTopK: on average), and the
+    dead-latent (AuxK) loss's latents (None: d_in // 2), weight, and how many tokens without
+    firing make a latent dead (Gao et al. 2024: k_aux 512, 1/32, 10M)."""
+
+    architecture: str = "topk"
+    k: int | None = None
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 10_000_000
+
+
 class TopKSAE(SAE):
     architecture = "topk"
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: TopKConfig):
         if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
             raise ValueError(f"{self.architecture} SAE needs 1 <= k <= d_sae ({cfg.d_sae}), got k={cfg.k}")
         if cfg.aux_k is not None and cfg.aux_k < 1:
