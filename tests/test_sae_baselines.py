@@ -138,14 +138,13 @@ def test_topk_keeps_k_latents_and_trains_dead_ones_with_auxk():
     expected = (code @ sae.W_dec.detach() - residual).pow(2).sum(-1).mean()
     torch.testing.assert_close(aux.detach(), expected)
 
-    out = sae.loss(x)  # training mode: the bookkeeping advances
+    before = sae.tokens_since_fired_F.clone()
+    out = sae.loss(x)
     assert out.aux > 0
+    assert torch.equal(before, sae.tokens_since_fired_F)  # the loss only reads the counter
+    sae.update_dead_(out.fired_F, x.shape[0])  # the step advances it (SAETrainer, after each step)
     assert (sae.tokens_since_fired_F[out.fired_F > 0] == 0).all()
     assert (sae.tokens_since_fired_F[out.fired_F == 0] >= 32).all()
-    sae.eval()
-    before = sae.tokens_since_fired_F.clone()
-    sae.loss(x)
-    assert torch.equal(before, sae.tokens_since_fired_F)
 
 
 def test_batchtopk_keeps_k_per_token_on_average_and_estimates_a_threshold():

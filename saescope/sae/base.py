@@ -110,6 +110,10 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(F, D))
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.b_dec = nn.Parameter(torch.zeros(D))
+        #: tokens since each latent last fired: the one dead-latent counter.  It lives on the SAE
+        #: so it travels with it (state_dict, device, latent shards) and TopK's AuxK reads it;
+        #: :class:`~saescope.train.sae_trainer.SAETrainer` advances it after every step
+        self.register_buffer("tokens_since_fired_F", torch.zeros(F, dtype=torch.int64))
         self.reset_parameters()
 
     # --- initialisation --------------------------------------------------------------------
@@ -142,6 +146,12 @@ class SAE(nn.Module):
 
     def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float) -> LossOutput:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def update_dead_(self, fired_F: torch.Tensor, n_tokens: int) -> None:
+        """Advance the dead-latent counter by a batch of ``n_tokens`` whose per-latent firing
+        counts are ``fired_F`` (a loop of one's own calls it after each step, as SAETrainer does)."""
+        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(fired_F.to(self.tokens_since_fired_F.device) > 0, 0)
 
     # --- decoder constraint ------------------------------------------------------------------
 

@@ -55,7 +55,6 @@ class BatchTopKSAE(TopKSAE):
         fired_F = active_BF.sum(dim=0)
         aux = self.aux_loss(pre_BF, (x_BD - x_hat_BD).detach())
         if self.training:
-            self.update_dead_(fired_F, x_BD.shape[0])
             self.update_threshold_(f_BF)
         weighted_aux = self.cfg.aux_coefficient * aux
         return LossOutput(

@@ -103,6 +103,7 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
         shard.W_dec.copy_(sae.W_dec[lo:hi])
         shard.b_enc.copy_(sae.b_enc[lo:hi])
         shard.threshold.copy_(sae.threshold[lo:hi])
+        shard.tokens_since_fired_F.copy_(sae.tokens_since_fired_F[lo:hi])
         shard.b_dec.copy_(sae.b_dec)
         return shard
 
@@ -114,7 +115,8 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
         """
         full_cfg = replace(self.full_cfg, centre_input=self.cfg.centre_input)
         parts = {name: self.gather_latents(getattr(self, name), dim, dst)
-                 for name, dim in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("threshold", 0))}
+                 for name, dim in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("threshold", 0),
+                                  ("tokens_since_fired_F", 0))}
         if self.shard_rank != dst:
             return None
         with torch.device("meta"):
