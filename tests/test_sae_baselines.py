@@ -44,6 +44,33 @@ def test_registry_builds_every_architecture_and_refuses_unknown_ones():
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_every_architecture_round_trips_its_own_config_and_builds(architecture):
+    import json
+
+    from saescope.sae.base import CONFIG_CLASSES
+
+    own = CONFIG_CLASSES[architecture]
+    options = {"k": 3, "aux_k": 5, "dead_tokens": 100} if hasattr(own, "k") else {}
+    if hasattr(own, "bandwidth"):
+        options = {"bandwidth": 0.01, "threshold_init": 0.02}
+    cfg = own(d_in=8, d_sae=32, architecture=architecture, metadata={"site": "layer_0/resid_post"}, **options)
+    saved = json.loads(json.dumps(cfg.to_dict()))  # what config.json holds
+    for back in (SAEConfig.from_dict(saved), own.from_dict(saved)):
+        assert type(back) is own and back == cfg
+    # the old flat call and the old flat config.json give the architecture's own config
+    flat = {"d_in": 8, "d_sae": 32, "architecture": architecture, "centre_input": True, "k": 3, "bandwidth": 0.01,
+            "threshold_init": 0.02, "aux_k": 5, "aux_coefficient": 1 / 32, "dead_tokens": 100, "metadata": {},
+            "a_later_option": 1}
+    assert type(SAEConfig.from_dict(flat)) is own
+    flat.pop("a_later_option")
+    assert type(SAEConfig(**flat)) is own and SAEConfig(**flat).to_dict().keys() <= flat.keys()
+    sae = build_sae(SAEConfig.from_dict(saved))
+    assert type(sae) is ARCHITECTURES[architecture] and sae.cfg == cfg
+    with pytest.raises(TypeError):
+        SAEConfig(d_in=8, d_sae=32, architecture=architecture, no_such_option=1)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_contract_and_a_short_training_run(architecture):
     """loss() parts are consistent; a few recipe steps lower the loss; decoder rows stay unit."""
     sae = make(architecture)
@@ -111,14 +138,13 @@ def test_topk_keeps_k_latents_and_trains_dead_ones_with_auxk():
     expected = (code @ sae.W_dec.detach() - residual).pow(2).sum(-1).mean()
     torch.testing.assert_close(aux.detach(), expected)
 
-    out = sae.loss(x)  # training mode: the bookkeeping advances
+    before = sae.tokens_since_fired_F.clone()
+    out = sae.loss(x)
     assert out.aux > 0
+    assert torch.equal(before, sae.tokens_since_fired_F)  # the loss only reads the counter
+    sae.update_dead_(out.fired_F, x.shape[0])  # the step advances it (SAETrainer, after each step)
     assert (sae.tokens_since_fired_F[out.fired_F > 0] == 0).all()
     assert (sae.tokens_since_fired_F[out.fired_F == 0] >= 32).all()
-    sae.eval()
-    before = sae.tokens_since_fired_F.clone()
-    sae.loss(x)
-    assert torch.equal(before, sae.tokens_since_fired_F)
 
 
 def test_batchtopk_keeps_k_per_token_on_average_and_estimates_a_threshold():

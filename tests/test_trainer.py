@@ -29,7 +29,7 @@ class TinySAE(SAE):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), cfg.threshold_init))
+        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), 1e-3))  # threshold_init is JumpReLU's option
 
     def encode(self, x_BD):
         return torch.relu(self.pre_activations(x_BD))
@@ -159,6 +159,9 @@ def test_fvu_is_about_the_batch_mean_and_dead_latents_are_counted():
     assert metrics["fvu"] == pytest.approx(1.0, rel=1e-6)
     assert metrics["l0"] == 0
     assert metrics["dead_fraction"] == 1.0
+    # one counter, the SAE's: it is what the metric reads and what a checkpoint holds
+    assert not hasattr(t, "tokens_since_fired_F") and (t.sae.tokens_since_fired_F == 32).all()
+    assert "tokens_since_fired_F" not in t.state_tensors() and "sae.tokens_since_fired_F" in t.state_tensors()
 
 
 def test_non_finite_batch_stops_the_sae_without_touching_weights():

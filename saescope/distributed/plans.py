@@ -99,7 +99,7 @@ class DataParallelPlan(TrainPlan):
             seen = torch.tensor([t.tokens_seen], dtype=torch.int64)
             t.tokens_seen = int(all_reduce_(seen, "sum", what="summing tokens seen"))
             # local rows since a latent last fired on this rank; fired anywhere = min over ranks
-            all_reduce_(t.tokens_since_fired_F, "min", what=f"merging {t.name}'s latent firing").mul_(W)
+            all_reduce_(t.sae.tokens_since_fired_F, "min", what=f"merging {t.name}'s latent firing").mul_(W)
 
 
 def _reduce_shard_grads(sae: SAE) -> None:
@@ -129,7 +129,7 @@ class LatentParallelPlan(TrainPlan):
 
     def finish(self, trainers: list) -> None:
         """Gather every SAE (and its firing counters) on rank 0, which releases whole SAEs."""
-        whole = [(t.sae.gather_full(dst=0), t.sae.gather_latents(t.tokens_since_fired_F, 0, dst=0)) for t in trainers]
+        whole = [t.sae.gather_full(dst=0) for t in trainers]  # with its firing counter
         if self.env.is_main:
-            for t, (sae, since) in zip(trainers, whole):
-                t.sae, t.tokens_since_fired_F = sae, since
+            for t, sae in zip(trainers, whole):
+                t.sae = sae

@@ -93,10 +93,9 @@ def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
     if "width" in config and config["width"] != width_label(d_sae):
         raise ValueError(f"{folder}: the path says width_{config['width']}, but the arrays have d_sae = {d_sae}")
 
-    cfg = SAEConfig.from_dict(config["sae_config"]) if isinstance(config.get("sae_config"), dict) else SAEConfig(d_in, d_sae)
-    cfg.d_in, cfg.d_sae, cfg.architecture, cfg.centre_input = d_in, d_sae, architecture, False
-    if config.get("k") is not None:
-        cfg.k = int(config["k"])
+    saved = config["sae_config"] if isinstance(config.get("sae_config"), dict) else {}
+    cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "d_sae": d_sae, "architecture": architecture, "centre_input": False,
+                               **({"k": int(config["k"])} if config.get("k") is not None else {})})
     with torch.random.fork_rng(devices=[]):  # initialisation is overwritten; keep the caller's RNG
         sae = build_sae(cfg)
     sae.load_arrays({name: torch.from_numpy(a) for name, a in arrays.items()})

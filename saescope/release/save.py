@@ -45,7 +45,7 @@ def save_sae(sae: SAE, folder: str | Path, *, config: dict[str, Any], metrics: d
     bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
     if bad:
         raise ValueError(f"refusing to release an SAE with non-finite values in {', '.join(bad)}")
-    own = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.architecture, "k": sae.cfg.k}
+    own = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.architecture, "k": getattr(sae.cfg, "k", None)}
     for key, value in own.items():
         if config.get(key, value) != value:
             raise ValueError(f"config[{key!r}] = {config[key]!r} contradicts the SAE's {key} = {value!r}")
@@ -140,7 +140,7 @@ def release_trained(results, root: str | Path, *, model_name: str | None, recipe
             **({"trained_as": {"architecture": spec.architecture, "k": spec.k}}
                if spec.architecture != sae.architecture else {}),
             "sparsity_coefficient": spec.sparsity_coefficient,
-            "k": sae.cfg.k,
+            "k": getattr(sae.cfg, "k", None),
             "seed": spec.seed,
             "tokens_seen": r.tokens_seen,
             "input_scale": r.scale if r.norm is None or r.norm.mode == "scalar" else None,

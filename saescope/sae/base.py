@@ -23,25 +23,44 @@ import torch
 from torch import nn
 
 
+#: architecture name → its config class, filled by :func:`saescope.sae.registry.register`
+#: (``saescope.sae``'s ``__init__`` imports the registry, so the built-ins are always there)
+CONFIG_CLASSES: dict[str, type[SAEConfig]] = {}
+
+
+class _ConfigMeta(type):
+    """``SAEConfig(...)`` on the base class builds the config class registered for its
+    ``architecture``, dropping options that belong to other architectures, so call sites that
+    pass the old flat set (``k=``, ``bandwidth=``, …) for any architecture keep working."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is not SAEConfig:
+            return super().__call__(*args, **kwargs)
+        names = [f.name for f in fields(SAEConfig)]
+        kwargs.update(zip(names, args))
+        target = config_class(kwargs.get("architecture", "jumprelu"))
+        own = {f.name for f in fields(target)}
+        others = {f.name for c in CONFIG_CLASSES.values() for f in fields(c)} - own
+        return super(_ConfigMeta, target).__call__(**{k: v for k, v in kwargs.items() if k not in others})
+
+
+def config_class(architecture: str) -> type[SAEConfig]:
+    """The config class registered for ``architecture`` (the base class if none is)."""
+    return CONFIG_CLASSES.get(architecture, SAEConfig)
+
+
 @dataclass
-class SAEConfig:
-    """What defines an SAE's shape and behaviour (not how it is trained)."""
+class SAEConfig(metaclass=_ConfigMeta):
+    """What defines an SAE's shape and behaviour (not how it is trained): the options every
+    architecture shares.  Each architecture's own options live in a subclass next to it
+    (:class:`~saescope.sae.jumprelu.JumpReLUConfig`, :class:`~saescope.sae.topk.TopKConfig`),
+    paired with it in :mod:`saescope.sae.registry`."""
 
     d_in: int
     d_sae: int
     architecture: str = "jumprelu"
     #: training form subtracts b_dec before the encoder; the folded release form does not
     centre_input: bool = True
-    #: TopK / BatchTopK: latents kept per token (BatchTopK: on average)
-    k: int | None = None
-    #: JumpReLU: bandwidth ε of the rectangle kernel, and the initial threshold θ₀
-    bandwidth: float = 0.001
-    threshold_init: float = 0.001
-    #: TopK / BatchTopK dead-latent (AuxK) loss: latents used (None: d_in // 2), weight, and how
-    #: many tokens without firing make a latent dead (Gao et al. 2024: k_aux 512, 1/32, 10M)
-    aux_k: int | None = None
-    aux_coefficient: float = 1 / 32
-    dead_tokens: int = 10_000_000
     #: free-form provenance (model, site, …); saved in config.json, never used in maths
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -50,8 +69,11 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From :meth:`to_dict`'s output or an older config.json's ``sae_config``: on the base
+        class the architecture's own config class; keys that class lacks are ignored."""
+        target = config_class(d.get("architecture", "jumprelu")) if cls is SAEConfig else cls
+        known = {f.name for f in fields(target)}
+        return target(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -88,6 +110,10 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(F, D))
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.b_dec = nn.Parameter(torch.zeros(D))
+        #: tokens since each latent last fired: the one dead-latent counter.  It lives on the SAE
+        #: so it travels with it (state_dict, device, latent shards) and TopK's AuxK reads it;
+        #: :class:`~saescope.train.sae_trainer.SAETrainer` advances it after every step
+        self.register_buffer("tokens_since_fired_F", torch.zeros(F, dtype=torch.int64))
         self.reset_parameters()
 
     # --- initialisation --------------------------------------------------------------------
@@ -120,6 +146,12 @@ class SAE(nn.Module):
 
     def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float) -> LossOutput:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def update_dead_(self, fired_F: torch.Tensor, n_tokens: int) -> None:
+        """Advance the dead-latent counter by a batch of ``n_tokens`` whose per-latent firing
+        counts are ``fired_F`` (a loop of one's own calls it after each step, as SAETrainer does)."""
+        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(fired_F.to(self.tokens_since_fired_F.device) > 0, 0)
 
     # --- decoder constraint ------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from saescope.sae.base import LossOutput, SAEConfig
-from saescope.sae.topk import TopKSAE
+from saescope.sae.base import LossOutput
+from saescope.sae.topk import TopKConfig, TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
@@ -23,7 +23,7 @@ class BatchTopKSAE(TopKSAE):
     #: the running mean becomes an exponential average over about this many batches
     threshold_window = 1000
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(cfg.d_sae))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64))
@@ -55,7 +55,6 @@ class BatchTopKSAE(TopKSAE):
         fired_F = active_BF.sum(dim=0)
         aux = self.aux_loss(pre_BF, (x_BD - x_hat_BD).detach())
         if self.training:
-            self.update_dead_(fired_F, x_BD.shape[0])
             self.update_threshold_(f_BF)
         weighted_aux = self.cfg.aux_coefficient * aux
         return LossOutput(
@@ -85,12 +84,10 @@ class BatchTopKSAE(TopKSAE):
         """The same SAE as a :class:`~saescope.sae.jumprelu.JumpReLUSAE`: its inference code is
         already ReLU(π)·1[π > θ], so every latent of every token is unchanged (Gemma Scope 2
         trained its multi-layer models as BatchTopK and released them as JumpReLU)."""
-        from dataclasses import replace
+        from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 
-        from saescope.sae.jumprelu import JumpReLUSAE
-
-        out = JumpReLUSAE(replace(self.cfg, architecture="jumprelu", k=None,
-                                  metadata={**self.cfg.metadata, "trained_as": "batchtopk", "k": self.cfg.k}))
+        out = JumpReLUSAE(JumpReLUConfig(self.cfg.d_in, self.cfg.d_sae, centre_input=self.cfg.centre_input,
+                                         metadata={**self.cfg.metadata, "trained_as": "batchtopk", "k": self.cfg.k}))
         out.load_arrays(self.to_arrays())
         return out.to(self.W_enc.device)
 

@@ -13,11 +13,22 @@ gate passes negative pre-activations): after each optimizer step call
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from saescope.sae.base import SAE, LossOutput, SAEConfig
 from saescope.sae.jumprelu_step import PATHS, jumprelu_step
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU's options: the kernel bandwidth ε (training only) and the initial threshold θ₀."""
+
+    architecture: str = "jumprelu"
+    bandwidth: float = 0.001
+    threshold_init: float = 0.001
 
 
 class JumpReLUSAE(SAE):
@@ -31,7 +42,7 @@ class JumpReLUSAE(SAE):
     latents_rescalable = True
     array_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
-    def __init__(self, cfg: SAEConfig, step_path: str = "auto"):
+    def __init__(self, cfg: JumpReLUConfig, step_path: str = "auto"):
         if cfg.bandwidth <= 0 or cfg.threshold_init <= 0:
             raise ValueError(f"JumpReLU needs bandwidth > 0 and threshold_init > 0, got {cfg.bandwidth}, {cfg.threshold_init}")
         if step_path not in PATHS:

@@ -1,25 +1,38 @@
-"""Architecture name → SAE class.  Adding an architecture: one module with an :class:`SAE`
-subclass, plus one line here."""
+"""Architecture name → SAE class and its config class (SAELens-registry style).  Adding an
+architecture: one module with an :class:`SAE` subclass and, if it has options of its own, an
+:class:`SAEConfig` subclass; plus one :func:`register` line here."""
 
 from __future__ import annotations
 
-from saescope.sae.base import SAE, SAEConfig
+from saescope.sae.base import CONFIG_CLASSES, SAE, SAEConfig
 from saescope.sae.batchtopk import BatchTopKSAE
-from saescope.sae.jumprelu import JumpReLUSAE
+from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saescope.sae.relu import ReLUSAE
-from saescope.sae.topk import TopKSAE
+from saescope.sae.topk import TopKConfig, TopKSAE
 
-ARCHITECTURES: dict[str, type[SAE]] = {
-    "jumprelu": JumpReLUSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "relu": ReLUSAE,
-}
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(name: str, sae_class: type[SAE], config_class: type[SAEConfig] = SAEConfig) -> None:
+    """Pair ``name`` with its SAE class and config class: :func:`build_sae`, ``SAEConfig(...)``
+    and ``SAEConfig.from_dict`` (config.json) then use ``config_class`` for it."""
+    ARCHITECTURES[name] = sae_class
+    CONFIG_CLASSES[name] = config_class
+
+
+register("jumprelu", JumpReLUSAE, JumpReLUConfig)
+register("topk", TopKSAE, TopKConfig)
+register("batchtopk", BatchTopKSAE, TopKConfig)  # the same options as TopK
+register("relu", ReLUSAE)
 
 
 def build_sae(cfg: SAEConfig) -> SAE:
-    """A freshly initialised SAE of ``cfg.architecture`` (training form unless cfg says otherwise)."""
+    """A freshly initialised SAE of ``cfg.architecture`` (training form unless cfg says otherwise);
+    a config of another class is first read into the architecture's own config class."""
     cls = ARCHITECTURES.get(cfg.architecture)
     if cls is None:
         raise ValueError(f"unknown SAE architecture {cfg.architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    own = CONFIG_CLASSES[cfg.architecture]
+    if type(cfg) is not own:
+        cfg = own.from_dict(cfg.to_dict())
     return cls(cfg)

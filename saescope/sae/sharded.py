@@ -26,8 +26,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from saescope.sae.base import LossOutput, SAEConfig
-from saescope.sae.jumprelu import JumpReLUSAE, l0_penalised_loss
+from saescope.sae.base import LossOutput
+from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE, l0_penalised_loss
 from saescope.sae.jumprelu_step import jumprelu_step
 
 
@@ -64,7 +64,7 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
     state, so a sharded run starts where a single-device one would.
     """
 
-    def __init__(self, cfg: SAEConfig, *, rank: int, world_size: int, group=None, step_path: str = "auto"):
+    def __init__(self, cfg: JumpReLUConfig, *, rank: int, world_size: int, group=None, step_path: str = "auto"):
         # Plain attributes read by reset_parameters(), which the base constructor calls.
         self.full_cfg = cfg
         self.shard_rank, self.shard_world_size, self.group = rank, world_size, group
@@ -103,6 +103,7 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
         shard.W_dec.copy_(sae.W_dec[lo:hi])
         shard.b_enc.copy_(sae.b_enc[lo:hi])
         shard.threshold.copy_(sae.threshold[lo:hi])
+        shard.tokens_since_fired_F.copy_(sae.tokens_since_fired_F[lo:hi])
         shard.b_dec.copy_(sae.b_dec)
         return shard
 
@@ -114,7 +115,8 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
         """
         full_cfg = replace(self.full_cfg, centre_input=self.cfg.centre_input)
         parts = {name: self.gather_latents(getattr(self, name), dim, dst)
-                 for name, dim in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("threshold", 0))}
+                 for name, dim in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("threshold", 0),
+                                  ("tokens_since_fired_F", 0))}
         if self.shard_rank != dst:
             return None
         with torch.device("meta"):

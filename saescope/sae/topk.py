@@ -6,11 +6,14 @@ loss against dead latents: the k_aux largest pre-activations among latents that 
 for ``cfg.dead_tokens`` tokens try to reconstruct the residual x − x̂ (held fixed), weighted by
 ``cfg.aux_coefficient`` (1/32).  Gao et al. found it keeps dead latents near zero at scale.
 
-Dead-latent bookkeeping lives in the buffer ``tokens_since_fired_F``, advanced by every
-:meth:`loss` call in training mode (``sae.train()``; ``sae.eval()`` leaves it alone).
+Dead latents are read from the SAE's counter ``tokens_since_fired_F`` (:class:`SAE`), which
+:class:`~saescope.train.sae_trainer.SAETrainer` advances after every step; a loop of one's own
+calls ``sae.update_dead_(out.fired_F, len(x))`` after each step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as nnf
@@ -18,16 +21,28 @@ import torch.nn.functional as nnf
 from saescope.sae.base import SAE, LossOutput, SAEConfig
 
 
+@dataclass
+class TopKConfig(SAEConfig):
+    """TopK's (and BatchTopK's) options: latents kept per token (BatchTopK: on average), and the
+    dead-latent (AuxK) loss's latents (None: d_in // 2), weight, and how many tokens without
+    firing make a latent dead (Gao et al. 2024: k_aux 512, 1/32, 10M)."""
+
+    architecture: str = "topk"
+    k: int | None = None
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 10_000_000
+
+
 class TopKSAE(SAE):
     architecture = "topk"
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: TopKConfig):
         if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
             raise ValueError(f"{self.architecture} SAE needs 1 <= k <= d_sae ({cfg.d_sae}), got k={cfg.k}")
         if cfg.aux_k is not None and cfg.aux_k < 1:
             raise ValueError(f"aux_k must be >= 1 (or None for d_in // 2), got {cfg.aux_k}")
         super().__init__(cfg)
-        self.register_buffer("tokens_since_fired_F", torch.zeros(cfg.d_sae, dtype=torch.int64))
 
     @property
     def aux_k(self) -> int:
@@ -62,8 +77,6 @@ class TopKSAE(SAE):
         fired = values_BK > 0
         fired_F = torch.bincount(indices_BK[fired], minlength=self.cfg.d_sae)
         aux = self.aux_loss(pre_BF, (x_BD - x_hat_BD).detach())
-        if self.training:
-            self.update_dead_(fired_F, x_BD.shape[0])
         weighted_aux = self.cfg.aux_coefficient * aux
         return LossOutput(
             total=mse + weighted_aux,
@@ -90,7 +103,3 @@ class TopKSAE(SAE):
         values_BK, indices_BK = dead_pre_BF.topk(k_aux, dim=-1, sorted=False)
         residual_hat_BD = self.decode_sparse(values_BK.relu(), indices_BK, bias=False)
         return (residual_hat_BD - residual_BD).pow(2).sum(dim=-1).mean()
-
-    @torch.no_grad()
-    def update_dead_(self, fired_F: torch.Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(fired_F > 0, 0)
