@@ -100,6 +100,9 @@ class DataParallelPlan(TrainPlan):
             t.tokens_seen = int(all_reduce_(seen, "sum", what="summing tokens seen"))
             # local rows since a latent last fired on this rank; fired anywhere = min over ranks
             all_reduce_(t.sae.tokens_since_fired_F, "min", what=f"merging {t.name}'s latent firing").mul_(W)
+            if t.released_l0 is not None:  # each rank measured its share of the last batch
+                l0 = torch.tensor([t.released_l0], dtype=torch.float64)
+                t.released_l0 = float(all_reduce_(l0, "sum", what=f"averaging {t.name}'s L0")) / W
 
 
 def _reduce_shard_grads(sae: SAE) -> None:

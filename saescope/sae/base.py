@@ -144,6 +144,12 @@ class SAE(nn.Module):
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x_BD))
 
+    @torch.no_grad()
+    def mean_l0(self, x_BD: torch.Tensor) -> float:
+        """Mean number of firing latents per token of the inference code (a latent shard sums
+        over its group)."""
+        return float((self.encode(x_BD) != 0).sum(-1).double().mean())
+
     def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float) -> LossOutput:
         raise NotImplementedError
 

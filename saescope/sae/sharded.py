@@ -72,6 +72,12 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
         super().__init__(replace(cfg, d_sae=self.latent_hi - self.latent_lo), step_path=step_path)
 
     @torch.no_grad()
+    def mean_l0(self, x_BD: torch.Tensor) -> float:
+        """The whole SAE's L0: this shard's firing counts summed over the group."""
+        local = (self.encode(x_BD) != 0).sum(-1).double().mean()
+        return float(_SumOverShards.apply(local, self.group))
+
+    @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Gemma Scope's init, sliced: the full W_dec is drawn in row blocks from one stream (never
         all in memory), keeping this rank's rows; bound √(6/F) uses the full width."""

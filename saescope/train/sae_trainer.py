@@ -139,11 +139,10 @@ class SAETrainer:
             sae.clamp_threshold_(recipe.threshold_min)
 
         step_sums = self._accumulate(x_BD, out, step)
-        if step == self.n_steps - 1 and not hasattr(sae, "gather_full"):  # (a latent shard sees part)
+        if step == self.n_steps - 1:  # the released SAE's L0, on the last batch
             if hasattr(sae, "calibrate_threshold_"):  # BatchTopK
                 sae.calibrate_threshold_(x_BD)
-            with torch.no_grad():
-                self.released_l0 = float((sae.encode(x_BD) != 0).sum(-1).double().mean())
+            self.released_l0 = sae.mean_l0(x_BD)
         self._last_step = step
         if not return_metrics:
             return None
