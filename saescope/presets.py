@@ -109,12 +109,13 @@ PRESETS: dict[str, RunConfig] = {
     # Training is ~10·d_in·width FLOPs per token per SAE; evaluation pays one partial forward
     # plus the 262k-word head per SAE, site (zero ablation) and loss token.
     "default": RunConfig(
-        description="Embedded default on CPU: 54 sites, BatchTopK->JumpReLU k=100, width 2048, 131k tokens",
+        description="Embedded default on CPU: 54 sites, BatchTopK->JumpReLU k=100, width 2048, 98k tokens",
         widths=(2048,),
         ks=(100,),
-        train_tokens=131_072,
+        train_tokens=98_304,
         eval_tokens=8_192,
         eval_loss_tokens=4_096,
+        eval_dtype="bfloat16",
         feature_tokens=8_192,
         seq_len=256,
         dtype="bfloat16",
