@@ -10,7 +10,7 @@ Prints one table per site: tokens, steps, seconds, L0, FVU, FVU after per-dimens
 standardisation (``fvu_std``), delta LM loss and CE loss recovered.  Never a timed test.
 
     python benchmarks/fidelity.py                                  # everything (~40 min, 2 cores)
-    python benchmarks/fidelity.py --sites layer_6/mlp_out --variants paper,cpu
+    python benchmarks/fidelity.py --sites layer_6/mlp_out --variants paper,cpu --eval-dtype bfloat16
     python benchmarks/fidelity.py --run-peers                      # (re)train the peers first
 
 Seconds are wall time on this machine and only comparable within one quiet run.
@@ -39,9 +39,16 @@ SITES = ("layer_6/resid_post", "layer_6/mlp_out", "layer_6/attn_z")
 VARIANTS: dict[str, tuple[str, float, dict, str]] = {
     "paper": ("jumprelu", 6e-4, {}, "the paper's recipe as is (lr 7e-5, b_dec 0, scalar C)"),
     "cpu-old": ("jumprelu", 1e-3, {"lr": 2e-3, "b_dec_init": "mean"}, "the CPU presets before issue 9"),
-    "topk-scalar": ("topk", 50, {"lr": 2e-3, "b_dec_init": "mean"}, "TopK, scalar C"),
-    "topk-diag": ("topk", 50, {"lr": 2e-3, "input_norm": "diagonal"}, "TopK, per-dimension map"),
-    "btk-diag": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal"}, "BatchTopK → JumpReLU, per-dimension map"),
+    "topk-scalar": ("topk", 50, {"lr": 2e-3, "b_dec_init": "mean", "batch_size": 1024}, "TopK, the paper's scalar C"),
+    "topk-centred": ("topk", 50, {"lr": 2e-3, "input_norm": "centred", "batch_size": 1024}, "TopK, C about the mean"),
+    "topk-diag": ("topk", 50, {"lr": 2e-3, "input_norm": "diagonal", "batch_size": 1024}, "TopK, per-dimension σ⁻¹"),
+    "topk-diag-4k": ("topk", 50, {"lr": 2e-3, "input_norm": "diagonal"}, "TopK, σ⁻¹, batch 4096"),
+    "topk-sqrt": ("topk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5, "batch_size": 1024},
+                  "TopK, per-dimension σ^-1/2"),
+    "cpu": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5, "batch_size": 1024},
+            "the CPU presets now: BatchTopK → JumpReLU, σ^-1/2, batch 1024"),
+    "cpu-decay": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5,
+                                    "batch_size": 1024, "lr_decay_fraction": 0.8}, "the same with a cosine lr decay"),
 }
 PEERS = {  # label -> npz name pattern written by benchmarks/peers/*.py
     "sparsify TopK": "sparsify_topk_{site}.npz",
@@ -58,7 +65,7 @@ def ensure_store(data: Path, tokens: int) -> Path:
     return store
 
 
-def train_variant(store: Path, site: str, name: str, width: int, tokens: int, batch: int, out: Path):
+def train_variant(store: Path, site: str, name: str, width: int, tokens: int, out: Path):
     from saescope.activations.store import StoreReader
     from saescope.train.recipe import Recipe
     from saescope.train.run import train_and_release
@@ -66,8 +73,8 @@ def train_variant(store: Path, site: str, name: str, width: int, tokens: int, ba
     from saescope.train.trainer import TrainOptions, Trainer
 
     arch, sparsity, overrides, _ = VARIANTS[name]
-    n_steps = tokens // batch
-    recipe = Recipe.for_steps(n_steps, batch_size=batch, **overrides)
+    n_steps = tokens // overrides.get("batch_size", 4096)
+    recipe = Recipe.for_steps(n_steps, **overrides)
     spec = (SAESpec(site, arch, width, k=int(sparsity)) if arch in K_ARCHITECTURES
             else SAESpec(site, arch, width, sparsity_coefficient=sparsity))
     t0 = time.perf_counter()
@@ -98,8 +105,9 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--tokens", type=int, default=262_144)
     p.add_argument("--width", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--loss-tokens", type=int, default=16_384, help="held-out tokens scored for delta loss")
+    p.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="precision of the model's forwards in the loss metrics")
     p.add_argument("--peers", type=Path, default=None, help="folder of peer .npz files (default DATA/peers)")
     p.add_argument("--run-peers", action="store_true", help="train the peers first (needs scripts/peer-envs.sh)")
     p.add_argument("--threads", type=int, default=2)
@@ -126,7 +134,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.variants.split(","):
                 folder, seconds, steps = train_variant(store, site_name, name, args.width, args.tokens,
-                                                       args.batch_size, Path(tmp) / name)
+                                                       Path(tmp) / name)
                 saes[name] = (site, load_sae(folder))
                 rows[name] = {"seconds": seconds, "steps": steps, "tokens": args.tokens}
         for label, pattern in PEERS.items():
@@ -134,8 +142,8 @@ def main() -> None:
             if path.exists():
                 sae, seconds, steps = load_peer(path)
                 saes[label] = (site, sae)
-                rows[label] = {"seconds": seconds, "steps": steps, "tokens": steps * args.batch_size}
-        result = evaluate(model, corpus, saes, EvalConfig(loss_tokens=args.loss_tokens, progress=False))
+                rows[label] = {"seconds": seconds, "steps": steps, "tokens": steps * 4096}
+        result = evaluate(model, corpus, saes, EvalConfig(loss_tokens=args.loss_tokens, dtype=args.eval_dtype, progress=False))
         print(f"\n{site_name}  (zero ablation: +{result['sites'][site_name]['delta_loss_zero_ablation']:.3f} nats; "
               f"{result['info']['n_loss_tokens']} held-out loss tokens)")
         print(f"{'variant':<18} {'tokens':>8} {'steps':>6} {'sec':>6} {'L0':>7} {'FVU':>7} {'fvu_std':>8} "

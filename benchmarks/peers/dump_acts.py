@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from saescope.sites import Site
-from saescope.store import ActivationStore
+from saescope.activations.store import ActivationStore
 
 
 def site_file(site: Site) -> str:
