@@ -39,6 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--loss-tokens", type=_int, default=None,
                    help="next-token-loss metrics (delta loss, KL) on sequences holding about this many "
                         "tokens (default: all); reconstruction metrics always use every token")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision of the model's forwards for the loss metrics (SAEs stay float32; default float32)")
     p.add_argument("--no-zero-ablation", action="store_true", help="skip zero ablation (no ce_loss_score)")
     p.add_argument("--splice-bos", action="store_true", help="also splice the BOS position (default: left clean)")
     p.add_argument("--seed", type=int, default=0, help="held-out split and loss-position sampling seed (default 0)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"release folder {args.release} does not exist")
     model_name = _model_name(args.release, args.model)
     device = str(resolve_device(args.device))
-    cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed,
+    cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed, dtype=args.dtype,
                      zero_ablation=not args.no_zero_ablation, splice_bos=args.splice_bos,
                      progress=not args.no_progress)
     model, tokenizer = load_model(model_name, device=device)
