@@ -11,8 +11,9 @@ forward needs only its logits' log-sum-exp and one dot product: no log-softmax o
 vocabulary, and no clean log-probs held in memory (Gemma's vocabulary is 262k words).  The
 matrix product pᵀW costs one extra head-sized product, once per batch for all SAEs.
 
-Heads with a non-linearity (Gemma 2's final logit soft-capping) take the direct route: the
-clean log-probs of the batch are kept and KL is summed over the vocabulary.
+Heads with a non-linearity (Gemma 2's final logit soft-capping), and logits computed under bf16
+autocast, take the direct route: the clean probabilities of the batch are kept, and every other
+forward pays lse(l′) and one dot product p·l′ over the vocabulary (KL = −H(p) − p·l′ + lse(l′)).
 """
 
 from __future__ import annotations
@@ -48,23 +49,23 @@ class CleanReference:
         self.W_VD, self.b_V = head.weight, getattr(head, "bias", None)
         M = len(targets_M)
         self.ce_clean_M = torch.empty(M, dtype=torch.float64, device=hidden_MD.device)
+        self.neg_entropy_M = torch.empty_like(self.ce_clean_M)
         if self.linear:
-            self.neg_entropy_M = torch.empty_like(self.ce_clean_M)
             self.p_bias_M = torch.zeros_like(self.ce_clean_M)
             self.pW_MD = torch.empty(M, self.W_VD.shape[1], dtype=torch.float32, device=hidden_MD.device)
         else:
-            self.log_probs_MV = torch.empty(M, self.W_VD.shape[0], dtype=torch.float32, device=hidden_MD.device)
+            self.probs_MV = torch.empty(M, self.W_VD.shape[0], dtype=torch.float32, device=hidden_MD.device)
         for rows in self._chunks(M):
             log_probs = torch.log_softmax(lm_logits(model, hidden_MD[rows]), dim=-1)
             self.ce_clean_M[rows] = -log_probs.gather(-1, targets_M[rows, None]).squeeze(-1).double()
+            probs = log_probs.exp()
+            self.neg_entropy_M[rows] = (probs * log_probs).sum(-1).double()
             if self.linear:
-                probs = log_probs.exp()
-                self.neg_entropy_M[rows] = (probs * log_probs).sum(-1).double()
                 self.pW_MD[rows] = probs @ self.W_VD.float()
                 if self.b_V is not None:
                     self.p_bias_M[rows] = (probs @ self.b_V.float()).double()
             else:
-                self.log_probs_MV[rows] = log_probs
+                self.probs_MV[rows] = probs
 
     def _chunks(self, M: int):
         return (slice(s, min(s + self.chunk, M)) for s in range(0, M, self.chunk))
@@ -81,9 +82,9 @@ class CleanReference:
                 h = hidden_MD[rows].double()
                 expected_logit = (self.pW_MD[rows].double() * h).sum(-1) + self.p_bias_M[rows]
                 kl_M[rows] = self.neg_entropy_M[rows] - expected_logit + lse
-            else:
-                log_probs = torch.log_softmax(logits, dim=-1)
-                ce_M[rows] = -log_probs.gather(-1, self.targets_M[rows, None]).squeeze(-1).double()
-                clean = self.log_probs_MV[rows]
-                kl_M[rows] = (clean.exp() * (clean - log_probs)).sum(-1).double()
+            else:  # the same identity with the clean probabilities kept: two passes over V, not five
+                lse = torch.logsumexp(logits, dim=-1).double()
+                ce_M[rows] = lse - logits.gather(-1, self.targets_M[rows, None]).squeeze(-1).double()
+                expected_logit = (self.probs_MV[rows] * logits).sum(-1).double()
+                kl_M[rows] = self.neg_entropy_M[rows] - expected_logit + lse
         return ce_M, kl_M.clamp_min(0.0)
