@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from saescope.activations.capture import capture_kept, check_corpus, check_sites
-from saescope.activations.shuffle import Bucket, BucketedSource, default_buffer_tokens, group_pieces, rng
+from saescope.activations.shuffle import Bucket, BucketedSource, group_pieces, rng
 from saescope.sites import Site, site_width
 from saescope.tokens import TokenizedCorpus
 
@@ -54,12 +54,7 @@ class OnlineSource(BucketedSource):
         if seqs_per_forward < 1:
             raise ValueError(f"seqs_per_forward must be >= 1, got {seqs_per_forward}")
         self.seqs_per_forward = seqs_per_forward
-        if buffer_tokens is None:
-            buffer_tokens = default_buffer_tokens(sum(self.d_in.values()))
-        if buffer_tokens < 1:
-            raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
-        self.buffer_tokens = buffer_tokens
-        self.prefetch = prefetch
+        self._set_buffer(buffer_tokens, prefetch)
         self._kept_per_seq = corpus.keep_mask.sum(axis=1)
 
     @property

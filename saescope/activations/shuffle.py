@@ -169,6 +169,15 @@ class BucketedSource:
 
     prefetch: bool = False
 
+    def _set_buffer(self, buffer_tokens: int | None, prefetch: bool) -> None:
+        """``buffer_tokens`` (default: :func:`default_buffer_tokens` of ``self.d_in``) and ``prefetch``."""
+        if buffer_tokens is None:
+            buffer_tokens = default_buffer_tokens(sum(self.d_in.values()))
+        if buffer_tokens < 1:
+            raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
+        self.buffer_tokens = buffer_tokens
+        self.prefetch = prefetch
+
     def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
         """Yield ``{site: x_BD}`` float32 CPU batches forever, deterministic in ``seed``."""
         return shuffled_batches(

@@ -19,7 +19,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
-from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks, default_buffer_tokens
+from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks
 from saescope.sites import Site
 
 
@@ -59,12 +59,8 @@ class InMemorySource(BucketedSource):
         self.sites: list[Site] = sorted(self._tensors)
         self.d_in: dict[Site, int] = {site: t.shape[1] for site, t in self._tensors.items()}
         self.n_tokens: int = n_rows.pop()
-        if buffer_tokens is None:
-            buffer_tokens = default_buffer_tokens(sum(self.d_in.values()))
-        if buffer_tokens < 1:
-            raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
-        self.buffer_tokens = buffer_tokens
-        self._chunks = chunks([self.n_tokens], buffer_tokens)
+        self._set_buffer(buffer_tokens, prefetch=False)
+        self._chunks = chunks([self.n_tokens], self.buffer_tokens)
 
     def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
         if batch_size > self.n_tokens:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks, default_buffer_tokens
+from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks
 from saescope.sites import Site
 
 FORMAT = "saescope-activations/1"
@@ -313,13 +313,8 @@ class StoreReader(BucketedSource):
             raise ValueError(f"sites not in the activation store {self.store.path}: {', '.join(unknown)}")
         self.sites: list[Site] = wanted
         self.d_in: dict[Site, int] = {s: self.store.d_in[s] for s in wanted}
-        if buffer_tokens is None:
-            buffer_tokens = default_buffer_tokens(sum(self.d_in.values()))
-        if buffer_tokens < 1:
-            raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
-        self.buffer_tokens = buffer_tokens
-        self.prefetch = prefetch
-        self._chunks = chunks([group["rows"] for group in self.store.shards], buffer_tokens, self.store.shard_tokens)
+        self._set_buffer(buffer_tokens, prefetch)
+        self._chunks = chunks([group["rows"] for group in self.store.shards], self.buffer_tokens, self.store.shard_tokens)
 
     @property
     def n_tokens(self) -> int:

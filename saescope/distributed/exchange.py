@@ -96,23 +96,3 @@ def corpus_share(corpus, rank: int, world_size: int):
     pick = slice(rank, None, world_size)
     return replace(corpus, input_ids=corpus.input_ids[pick], doc_ids=corpus.doc_ids[pick],
                    subset_ids=corpus.subset_ids[pick], keep_mask=corpus.keep_mask[pick])
-
-
-def train_online_site_parallel(local: BatchSource, specs: list[SAESpec], recipe: Recipe, out_dir, *,
-                               n_steps: int, env: DistEnv | None = None, **trainer_kwargs) -> list[Path]:
-    """Online training over W ranks: ``local`` is this rank's own activations of every site of
-    ``specs`` (the model on :func:`corpus_share`); sites are dealt to ranks by the FLOPs of their
-    SAEs, each step's rows are exchanged (:class:`OwnerExchange`), each rank trains its sites' SAEs.
-    Returns every released folder on rank 0 ([] elsewhere)."""
-    env = env or current()
-    out_dir = Path(out_dir)
-    assignment = assign_specs(specs, env.world_size, d_in=local.d_in, split_sites="never")
-
-
-def corpus_share(corpus, rank: int, world_size: int):
-    """Sequences ``rank, rank + W, …`` of a :class:`~saescope.tokens.TokenizedCorpus`."""
-    if len(corpus) < world_size:
-        raise ValueError(f"corpus {corpus.name!r} has {len(corpus)} sequences, fewer than the {world_size} ranks")
-    pick = slice(rank, None, world_size)
-    return replace(corpus, input_ids=corpus.input_ids[pick], doc_ids=corpus.doc_ids[pick],
-                   subset_ids=corpus.subset_ids[pick], keep_mask=corpus.keep_mask[pick])
