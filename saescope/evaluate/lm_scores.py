@@ -13,7 +13,13 @@ matrix product pᵀW costs one extra head-sized product, once per batch for all 
 
 Heads with a non-linearity (Gemma 2's final logit soft-capping), and logits computed under bf16
 autocast, take the direct route: the clean probabilities of the batch are kept, and every other
-forward pays lse(l′) and one dot product p·l′ over the vocabulary (KL = −H(p) − p·l′ + lse(l′)).
+forward pays one log-softmax and one dot product p·log p′ over the vocabulary.
+
+Two CPU details decide the speed (measured on Gemma 3's 262k-word head, 2 cores): the
+log-sum-exp is read off ``log_softmax`` (lse(l′) = l′[t] − log p′[t]), whose fused kernel is ~5×
+faster than ``torch.logsumexp`` on real logits; and probabilities are ``exp`` of log-probs clamped
+at −87, because ``exp`` of arguments below that underflows into subnormals, which vector units
+handle ~10× slower.  The clamp adds at most V·e⁻⁸⁷ ≈ 10⁻³² to the total mass.
 """
 
 from __future__ import annotations
@@ -22,6 +28,15 @@ import torch
 from torch import nn
 
 from saescope.evaluate.forward import lm_logits
+
+
+#: smallest log-probability exponentiated: e^-87 is the last normal float32 (see the module docstring)
+_LOG_P_FLOOR = -87.0
+
+
+def probabilities(log_probs: torch.Tensor) -> torch.Tensor:
+    """exp(log_probs) without subnormal results (a new tensor)."""
+    return log_probs.clamp(min=_LOG_P_FLOOR).exp_()
 
 
 def head_is_linear(model: nn.Module) -> bool:
@@ -58,7 +73,7 @@ class CleanReference:
         for rows in self._chunks(M):
             log_probs = torch.log_softmax(lm_logits(model, hidden_MD[rows]), dim=-1)
             self.ce_clean_M[rows] = -log_probs.gather(-1, targets_M[rows, None]).squeeze(-1).double()
-            probs = log_probs.exp()
+            probs = probabilities(log_probs)
             self.neg_entropy_M[rows] = (probs * log_probs).sum(-1).double()
             if self.linear:
                 self.pW_MD[rows] = probs @ self.W_VD.float()
@@ -76,15 +91,14 @@ class CleanReference:
         ce_M, kl_M = torch.empty_like(self.ce_clean_M), torch.empty_like(self.ce_clean_M)
         for rows in self._chunks(len(self.targets_M)):
             logits = lm_logits(self.model, hidden_MD[rows])
-            if self.linear:
-                lse = torch.logsumexp(logits, dim=-1).double()
-                ce_M[rows] = lse - logits.gather(-1, self.targets_M[rows, None]).squeeze(-1).double()
-                h = hidden_MD[rows].double()
-                expected_logit = (self.pW_MD[rows].double() * h).sum(-1) + self.p_bias_M[rows]
+            targets = self.targets_M[rows, None]
+            log_q = torch.log_softmax(logits, dim=-1)
+            log_q_target = log_q.gather(-1, targets).squeeze(-1).double()
+            ce_M[rows] = -log_q_target
+            if self.linear:  # KL = −H(p) − (pᵀW)·h′ − p·b + lse(l′), lse(l′) = l′[t] − log p′[t]
+                lse = logits.gather(-1, targets).squeeze(-1).double() - log_q_target
+                expected_logit = (self.pW_MD[rows].double() * hidden_MD[rows].double()).sum(-1) + self.p_bias_M[rows]
                 kl_M[rows] = self.neg_entropy_M[rows] - expected_logit + lse
-            else:  # the same identity with the clean probabilities kept: two passes over V, not five
-                lse = torch.logsumexp(logits, dim=-1).double()
-                ce_M[rows] = lse - logits.gather(-1, self.targets_M[rows, None]).squeeze(-1).double()
-                expected_logit = (self.probs_MV[rows] * logits).sum(-1).double()
-                kl_M[rows] = self.neg_entropy_M[rows] - expected_logit + lse
+            else:  # KL = Σ p log p − Σ p log p′, with the clean probabilities kept
+                kl_M[rows] = self.neg_entropy_M[rows] - (self.probs_MV[rows] * log_q).sum(-1).double()
         return ce_M, kl_M.clamp_min(0.0)
