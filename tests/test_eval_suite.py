@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_ARCHS, TINY_VOCAB
 
-from saescope.evaluate.forward import clean_forward, forward_from, lm_logits
+from saescope.evaluate.forward import clean_forward, forward_from, lm_logits, matmul_weights_in
 from saescope.evaluate.splice import splice
 from saescope.evaluate.suite import EvalConfig, evaluate, loss_sequences, position_bins, scored_positions
 from saescope.sae.base import SAE, SAEConfig
@@ -378,3 +378,23 @@ def test_bfloat16_forwards_agree_with_float32(tiny_model):
         assert b["fvu"] == pytest.approx(a["fvu"], rel=2e-2)
     with pytest.raises(ValueError, match="dtype"):
         EvalConfig(dtype="float16")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
+def test_bf16_weight_copies_match_autocast_and_are_undone(tiny_model, arch):
+    """matmul_weights_in gives autocast's numbers (without its per-call weight casts) and puts
+    the original parameters back, the tied head included."""
+    model = tiny_model(arch)
+    before = {name: p for name, p in model.named_parameters()}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head.weight is embed.weight
+    ids = torch.randint(0, TINY_VOCAB, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = lm_logits(model, clean_forward(model, ids, [])[0])
+        with matmul_weights_in(model, torch.bfloat16):
+            assert head.weight.dtype == torch.bfloat16
+            got = lm_logits(model, clean_forward(model, ids, [])[0])
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert {name: p for name, p in model.named_parameters()} == before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert (head.weight is embed.weight) == tied

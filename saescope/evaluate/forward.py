@@ -94,6 +94,38 @@ def forward_from(model: nn.Module, input_ids_BT: torch.Tensor, layer: int, block
         return model.base_model(input_ids=input_ids_BT, use_cache=False).last_hidden_state
 
 
+@contextlib.contextmanager
+def matmul_weights_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, the weights of the model's linear layers (the vocabulary head included)
+    are held in ``dtype``; the original parameters come back afterwards (ties included).
+
+    Why: under autocast, a frozen weight (``requires_grad=False``, as saescope loads models) is
+    cast again at *every* call — autocast caches only weights that require grad — so Gemma 3's
+    262k-word head was re-cast from float32 for each chunk of scored tokens, costing more than
+    the product itself.  Holding bf16 copies gives autocast the same numbers without the casts.
+    Only for forwards under autocast to ``dtype``: outside it, float32 inputs would meet bf16
+    weights.
+    """
+    if dtype is None:
+        yield
+        return
+    saved = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and isinstance(weight, nn.Parameter):
+            saved.append((module, weight))
+    lowered: dict[int, nn.Parameter] = {}  # one copy per shared parameter
+    try:
+        for module, weight in saved:
+            if id(weight) not in lowered:
+                lowered[id(weight)] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            module.weight = lowered[id(weight)]
+        yield
+    finally:
+        for module, weight in saved:
+            module.weight = weight
+
+
 def lm_logits(model: nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
     """The model's vocabulary logits (float32) from final hidden states, as its own forward
     computes them (including Gemma 2/3's final logit soft-capping)."""

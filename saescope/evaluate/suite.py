@@ -37,7 +37,7 @@ from torch import nn
 
 from saescope.evaluate import metrics as M
 from saescope.evaluate.batch import Accumulators, Batch, ZeroHook, position_bins, scored_positions
-from saescope.evaluate.forward import vocab_size
+from saescope.evaluate.forward import matmul_weights_in, vocab_size
 from saescope.evaluate.lm_scores import head_is_linear
 from saescope.jsonio import read_json, write_json
 from saescope.evaluate.splice import SpliceHook
@@ -157,22 +157,23 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
     bar = tqdm(total=len(loss_batches) * per_loss_batch + len(recon_batches), unit="fwd", desc="eval",
                disable=not cfg.progress)
     zero_hook = ZeroHook(skip_bos=not cfg.splice_bos)
-    for rows in loss_batches:
-        batch = Batch(model, corpus, rows, scored, autocast)
-        batch.observe(observed, with_loss=True, chunk=chunk)
-        bar.update(1)
-        for site in sites:
-            if cfg.zero_ablation:
-                ce_M, kl_M = batch.run(site, zero_hook)
-                zero[site][0].update(batch.reference.ce_clean_M, ce_M, kl_M, batch.subset_M)
-                zero[site][1].update(batch.reference.ce_clean_M, ce_M, kl_M, batch.position_M)
-                bar.update(1)
-            for name, sae in by_site[site]:
-                ce_M, kl_M = batch.run(site, SpliceHook(sae, skip_bos=not cfg.splice_bos, record=False))
-                acc[name].loss_subset.update(batch.reference.ce_clean_M, ce_M, kl_M, batch.subset_M)
-                acc[name].loss_position.update(batch.reference.ce_clean_M, ce_M, kl_M, batch.position_M)
-                bar.update(1)
-        del batch
+    with matmul_weights_in(model, autocast):  # bf16 copies of the weights only for the loss forwards
+        for rows in loss_batches:
+            batch = Batch(model, corpus, rows, scored, autocast)
+            batch.observe(observed, with_loss=True, chunk=chunk)
+            bar.update(1)
+            for site in sites:
+                if cfg.zero_ablation:
+                    ce_M, kl_M = batch.run(site, zero_hook)
+                    zero[site][0].update(batch.reference.ce_clean_M, ce_M, kl_M, batch.subset_M)
+                    zero[site][1].update(batch.reference.ce_clean_M, ce_M, kl_M, batch.position_M)
+                    bar.update(1)
+                for name, sae in by_site[site]:
+                    ce_M, kl_M = batch.run(site, SpliceHook(sae, skip_bos=not cfg.splice_bos, record=False))
+                    acc[name].loss_subset.update(batch.reference.ce_clean_M, ce_M, kl_M, batch.subset_M)
+                    acc[name].loss_position.update(batch.reference.ce_clean_M, ce_M, kl_M, batch.position_M)
+                    bar.update(1)
+            del batch
     for rows in recon_batches:
         Batch(model, corpus, rows, scored).observe(observed, with_loss=False, chunk=chunk)
         bar.update(1)
