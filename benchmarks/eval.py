@@ -38,7 +38,7 @@ def main() -> None:
     import torch
 
     from saescope.evaluate.batch import Accumulators, Batch, ZeroHook, position_bins, scored_positions
-    from saescope.evaluate.forward import lm_logits
+    from saescope.forward import lm_logits
     from saescope.evaluate.splice import SpliceHook
     from saescope.models import load_model
     from saescope.sae.base import SAEConfig

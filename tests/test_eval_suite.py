@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_ARCHS, TINY_VOCAB
 
-from saescope.evaluate.forward import clean_forward, forward_from, lm_logits, matmul_weights_in
+from saescope.forward import clean_forward, forward_from, lm_logits, matmul_weights_in
 from saescope.evaluate.splice import splice
 from saescope.evaluate.suite import EvalConfig, evaluate, loss_sequences, position_bins, scored_positions
 from saescope.sae.base import SAE, SAEConfig

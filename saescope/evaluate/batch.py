@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from saescope.evaluate import metrics as M
-from saescope.evaluate.forward import clean_forward, forward_from
+from saescope.forward import clean_forward, forward_from
 from saescope.evaluate.lm_scores import CleanReference
 from saescope.evaluate.splice import keep_first_position
 from saescope.sae.base import SAE

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saescope.evaluate.forward import lm_logits
+from saescope.forward import lm_logits
 
 
 #: smallest log-probability exponentiated: e^-87 is the last normal float32 (see the module docstring)

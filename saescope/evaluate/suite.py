@@ -7,7 +7,7 @@ Two kinds of metrics, with very different costs:
   of that site — one forward serves all SAEs, and nothing is stored;
 * next-token loss (delta loss, CE loss score, KL): needs one forward per SAE with the SAE
   spliced in (and one zero-ablation forward per site).  Each starts at the site's block from the
-  clean prefix cached in the clean pass (:mod:`saescope.evaluate.forward`), with the SAE spliced
+  clean prefix cached in the clean pass (:mod:`saescope.forward`), with the SAE spliced
   by :class:`saescope.evaluate.splice.SpliceHook` — the splicing API's own hook.  CE and KL come
   from :class:`saescope.evaluate.lm_scores.CleanReference`, which never holds vocabulary-sized
   log-probabilities for more than one chunk.
@@ -37,7 +37,7 @@ from torch import nn
 
 from saescope.evaluate import metrics as M
 from saescope.evaluate.batch import Accumulators, Batch, ZeroHook, position_bins, scored_positions
-from saescope.evaluate.forward import matmul_weights_in, vocab_size
+from saescope.forward import matmul_weights_in, vocab_size
 from saescope.evaluate.lm_scores import head_is_linear
 from saescope.jsonio import read_json, write_json
 from saescope.evaluate.splice import SpliceHook
