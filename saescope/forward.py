@@ -1,4 +1,5 @@
-"""Forward passes that start at a layer (evaluation and the KL fine-tune): a clean pass caches each site's prefix, later passes replay it.
+"""Forward passes that start at a layer (evaluation, the KL fine-tune): a clean pass caches
+each site's prefix, later passes replay it.
 
 Splicing an SAE at layer L changes nothing before block L, so the spliced forward does not need
 to run blocks 0..L−1 again.  :func:`clean_forward` records what *enters* block L (the raw output
