@@ -252,3 +252,11 @@ def _pack(ids, doc_ids, subset_ids, is_content, *, seq_len: int, bos: int, eos: 
     input_ids = rows(ids, pad, bos)
     keep = rows(is_content, False, False) & (input_ids != bos) & (input_ids != eos)
     return input_ids, rows(doc_ids, -1, -1), rows(subset_ids, -1, -1), keep
+
+
+def scored_positions(corpus: TokenizedCorpus) -> np.ndarray:
+    """(N, T) bool: the positions whose next-token prediction is scored."""
+    keep, doc = corpus.keep_mask, corpus.doc_ids
+    scored = np.zeros_like(keep, dtype=bool)
+    scored[:, :-1] = keep[:, :-1] & (doc[:, 1:] >= 0)
+    return scored

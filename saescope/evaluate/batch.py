@@ -21,7 +21,7 @@ from saescope.evaluate.lm_scores import CleanReference
 from saescope.evaluate.splice import keep_first_position
 from saescope.sae.base import SAE
 from saescope.sites import Site, hook_site, hooked, run_to_layer
-from saescope.tokens import TokenizedCorpus
+from saescope.tokens import TokenizedCorpus, scored_positions  # noqa: F401 (scored_positions: re-exported)
 
 
 def position_bins(seq_len: int) -> list[tuple[int, int]]:
@@ -36,14 +36,6 @@ def position_bins(seq_len: int) -> list[tuple[int, int]]:
 def position_bin_index(seq_len: int) -> torch.Tensor:
     """Bin of each position (position 0 gets bin 0 too; it is never kept)."""
     return torch.floor(torch.log2(torch.arange(seq_len).clamp_min(1).double())).long()
-
-
-def scored_positions(corpus: TokenizedCorpus) -> np.ndarray:
-    """(N, T) bool: the positions whose next-token prediction is scored."""
-    keep, doc = corpus.keep_mask, corpus.doc_ids
-    scored = np.zeros_like(keep, dtype=bool)
-    scored[:, :-1] = keep[:, :-1] & (doc[:, 1:] >= 0)
-    return scored
 
 
 class Accumulators:
