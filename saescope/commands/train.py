@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saescope.commands import positive_int
+
 
 def add_parser(subparsers) -> None:
     from saescope.settings import TrainSettings, add_flags
@@ -30,7 +32,7 @@ def add_parser(subparsers) -> None:
               shown=TrainSettings())
     how = p.add_argument_group("run")
     how.add_argument("--out", type=Path, default=None, help="run folder (default: the store's parent folder)")
-    how.add_argument("--log-every", type=int, default=100, help="steps between log records (default 100)")
+    how.add_argument("--log-every", type=positive_int, default=100, help="steps between log records (default 100)")
     how.add_argument("--loggers", default="", help="also log to: tensorboard, wandb (comma-separated; must be installed)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     how.add_argument("--parallel", choices=("site", "data", "latent"), default="site",
@@ -80,6 +82,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
     env = init_distributed(s.device) if launched_by_torchrun() else None  # torchrun: one GPU per rank
     device = env.device if env is not None else resolve_device(s.device)
+    if args.store is None and s.train_tokens is None:
+        raise ValueError("online training needs --tokens (how many activations to train on)")
+    if args.store is None and args.out is None:
+        raise ValueError("online training needs --out (the run folder)")
+    if args.store is not None and not args.store.is_dir():
+        raise FileNotFoundError(f"activation store {args.store} does not exist (run saescope harvest first)")
+    from saescope.outputs import writable_folder
+
+    writable_folder(args.out if args.out is not None else args.store.resolve().parent)
 
     if args.store is not None:
         from saescope.activations.store import ActivationStore, StoreReader
@@ -91,10 +102,6 @@ def run(args: argparse.Namespace) -> int:
         tokens = s.train_tokens if s.train_tokens is not None else store.n_tokens
         out = args.out if args.out is not None else args.store.resolve().parent
     else:
-        if s.train_tokens is None:
-            raise ValueError("online training needs --tokens (how many activations to train on)")
-        if args.out is None:
-            raise ValueError("online training needs --out (the run folder)")
         from saescope import defaults
         from saescope.activations.online import OnlineSource
         from saescope.models import load_model
