@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> int:
     """Under torchrun: site- or data-parallel training (docs/distributed.md); rank 0 reports."""
-    import json
+    from saescope.jsonio import read_json
 
     from saescope.distributed.env import shutdown
     from saescope.distributed.modes import fit_distributed
@@ -167,7 +167,7 @@ def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> 
         shutdown()
     stopped = []
     if env.is_main:
-        summary = json.loads((out / "train_summary.json").read_text())
+        summary = read_json(out / "train_summary.json")
         stopped = [s for s in summary["saes"] if s["status"] == "stopped"]
         for folder in folders:
             print(f"released {folder}")
