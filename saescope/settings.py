@@ -133,6 +133,10 @@ def overrides(cls, args) -> dict[str, Any]:
             if getattr(args, f.name, None) is not None}
 
 
+#: the site kinds (saescope.sites documents them); here, torch-free, so ``--kind`` choices and
+#: usage errors need no torch import
+SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
                  "adam_beta1")

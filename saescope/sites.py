@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+from saescope.settings import SITE_KINDS  # defined there so that parsing flags needs no torch
 
 _SITE_NAME = re.compile(r"^layer_(\d+)/([a-z_]+)$")
 

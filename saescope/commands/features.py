@@ -20,7 +20,7 @@ from saescope.commands import at_least, positive_int as _int
 
 
 def add_parser(subparsers) -> None:
-    from saescope.sites import SITE_KINDS
+    from saescope.settings import SITE_KINDS
 
     p = subparsers.add_parser(
         "features",
