@@ -64,19 +64,20 @@ def _model_name(release: Path, given: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from saescope.outputs import writable_folder
+
+    if not args.release.exists():  # checked before torch is imported
+        raise FileNotFoundError(f"release folder {args.release} does not exist")
+    writable_folder(args.release if args.release.is_dir() else args.release.parent, "--release")  # metrics.json
+    if args.report is not None:
+        writable_folder(args.report, "--report")
+
     from saescope.distributed.env import resolve_device
     from saescope import defaults
     from saescope.evaluate.suite import EvalConfig, evaluate_release
     from saescope.models import load_model
     from saescope.tokens import load_corpus, model_context_length
 
-    from saescope.outputs import writable_folder
-
-    if not args.release.exists():
-        raise FileNotFoundError(f"release folder {args.release} does not exist")
-    writable_folder(args.release if args.release.is_dir() else args.release.parent, "--release")  # metrics.json
-    if args.report is not None:
-        writable_folder(args.report, "--report")
     model_name = _model_name(args.release, args.model)
     device = str(resolve_device(args.device))
     cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed, dtype=args.dtype,

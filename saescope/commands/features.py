@@ -46,6 +46,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from saescope.outputs import writable_folder
+
+    if not args.release.is_dir():  # checked before torch is imported
+        raise FileNotFoundError(f"release folder {args.release} does not exist")
+    out = writable_folder(args.out or args.release.resolve().parent / "features")
+
     from saescope.distributed.env import resolve_device
     from saescope import defaults
     from saescope.jsonio import write_json
@@ -56,12 +62,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from saescope.models import load_model
     from saescope.sites import n_layers, select_sites
-    from saescope.outputs import writable_folder
     from saescope.tokens import load_corpus, model_context_length
-
-    if not args.release.is_dir():
-        raise FileNotFoundError(f"release folder {args.release} does not exist")
-    out = writable_folder(args.out or args.release.resolve().parent / "features")
     device = str(resolve_device(args.device))
     saes, model_names = load_release_saes(args.release, device=device, kind=args.kind)
     model_name = args.model or (model_names.pop() if len(model_names) == 1 else None)

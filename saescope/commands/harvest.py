@@ -58,6 +58,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from saescope.outputs import writable_folder
+
+    writable_folder(args.out)  # before torch: a wrong --out fails at once
+
     from saescope.distributed.env import resolve_device
     from saescope.activations.harvest import HarvestConfig, harvest
     from saescope.models import load_model
@@ -66,9 +70,6 @@ def run(args) -> int:
     from saescope.tokens import load_corpus, model_context_length
     from saescope.distributed.env import init_distributed, launched_by_torchrun, shutdown
 
-    from saescope.outputs import writable_folder
-
-    writable_folder(args.out)
     device = str(resolve_device(args.device))
     env = None
     if args.distributed or launched_by_torchrun():  # torchrun: one process per GPU, one store

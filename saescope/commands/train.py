@@ -62,17 +62,28 @@ def _sites_from(selection: str, available) -> list:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from saescope.distributed.env import init_distributed, launched_by_torchrun, resolve_device
+    from saescope.outputs import writable_folder
     from saescope.settings import TrainSettings, overrides
+
+    # What can be checked without torch is checked first: a typo costs a fraction of a second.
+    given = overrides(TrainSettings, args)
+    s = replace(TrainSettings(), **given)
+    if (args.store is None) == (args.model is None):
+        raise ValueError("give either --store (train from an activation store) or --model (train online)")
+    if args.store is None and s.train_tokens is None:
+        raise ValueError("online training needs --tokens (how many activations to train on)")
+    if args.store is None and args.out is None:
+        raise ValueError("online training needs --out (the run folder)")
+    if args.store is not None and not args.store.is_dir():
+        raise FileNotFoundError(f"activation store {args.store} does not exist (run saescope harvest first)")
+    writable_folder(args.out if args.out is not None else args.store.resolve().parent)
+
+    from saescope.distributed.env import init_distributed, launched_by_torchrun, resolve_device
     from saescope.train.recipe import Recipe
     from saescope.train.run import release_results
     from saescope.train.spec import K_ARCHITECTURES, sweep
     from saescope.train.trainer import Trainer, TrainOptions
 
-    given = overrides(TrainSettings, args)
-    s = replace(TrainSettings(), **given)
-    if (args.store is None) == (args.model is None):
-        raise ValueError("give either --store (train from an activation store) or --model (train online)")
     if s.architecture in K_ARCHITECTURES:
         if not s.ks:
             raise ValueError(f"--arch {s.architecture} needs --k (e.g. --k 32,64)")
@@ -82,15 +93,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
     env = init_distributed(s.device) if launched_by_torchrun() else None  # torchrun: one GPU per rank
     device = env.device if env is not None else resolve_device(s.device)
-    if args.store is None and s.train_tokens is None:
-        raise ValueError("online training needs --tokens (how many activations to train on)")
-    if args.store is None and args.out is None:
-        raise ValueError("online training needs --out (the run folder)")
-    if args.store is not None and not args.store.is_dir():
-        raise FileNotFoundError(f"activation store {args.store} does not exist (run saescope harvest first)")
-    from saescope.outputs import writable_folder
-
-    writable_folder(args.out if args.out is not None else args.store.resolve().parent)
 
     if args.store is not None:
         from saescope.activations.store import ActivationStore, StoreReader
