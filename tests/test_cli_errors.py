@@ -157,9 +157,9 @@ CASES = [
 
 #: cases whose traceback is wanted: the debug switches, and a genuine bug
 TRACEBACK_CASES = [
-    ("debug", "--debug after the command", "train --store {tmp}/nowhere --debug", 1, "nowhere does not exist", None),
-    ("debug", "--debug before the command", "--debug train --store {tmp}/nowhere", 1, "nowhere does not exist", None),
-    ("debug", "SAESCOPE_DEBUG=1", "train --store {tmp}/nowhere", 1, "nowhere does not exist", "debug_env"),
+    ("debug", "--debug after the command", "train --store {tmp}/nowhere --debug", 1, "no activation store at", None),
+    ("debug", "--debug before the command", "--debug train --store {tmp}/nowhere", 1, "no activation store at", None),
+    ("debug", "SAESCOPE_DEBUG=1", "train --store {tmp}/nowhere", 1, "no activation store at", "debug_env"),
     ("bug", "a KeyError inside saescope", H + " --out {tmp}/o", 1, "this is a bug in saescope; please report it",
      "bug"),
 ]

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from saescope.outputs import writable_folder
     from saescope.settings import TrainSettings, overrides
 
-    # What can be checked without torch is checked first: a typo costs a fraction of a second.
+    # Flags and folders are checked before any data is read or model loaded.
     given = overrides(TrainSettings, args)
     s = replace(TrainSettings(), **given)
     if (args.store is None) == (args.model is None):
@@ -74,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("online training needs --tokens (how many activations to train on)")
     if args.store is None and args.out is None:
         raise ValueError("online training needs --out (the run folder)")
-    if args.store is not None and not args.store.is_dir():
-        raise FileNotFoundError(f"activation store {args.store} does not exist (run saescope harvest first)")
-    writable_folder(args.out if args.out is not None else args.store.resolve().parent)
 
     from saescope.distributed.env import init_distributed, launched_by_torchrun, resolve_device
     from saescope.train.recipe import Recipe
@@ -91,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--arch {s.architecture} takes --k, not --l0-coefficients")
     elif s.ks:
         raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
+    if args.store is not None and not args.store.is_dir():
+        raise FileNotFoundError(f"no activation store at {args.store}: it does not exist (run saescope harvest first)")
+    writable_folder(args.out if args.out is not None else args.store.resolve().parent)
     env = init_distributed(s.device) if launched_by_torchrun() else None  # torchrun: one GPU per rank
     device = env.device if env is not None else resolve_device(s.device)
 
