@@ -137,7 +137,7 @@ def _read_path(name: str) -> Iterator[Document]:
             return _read_hf(str(path))
         return _read_folder(path, subset_prefix="", top_subset=path.resolve().name)
     if path.suffix in TEXT_SUFFIXES:
-        return iter([Document(path.read_text(encoding="utf-8", errors="replace"), path.stem)])
+        return iter([Document(_read_text(path), path.stem)])
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".parquet":
@@ -157,12 +157,27 @@ def _folder_documents(folder: Path, files: list[Path], subset_prefix: str, top_s
     for file in files:
         relative = file.relative_to(folder)
         subset = subset_prefix + relative.parts[0] if len(relative.parts) > 1 else top_subset
-        yield Document(file.read_text(encoding="utf-8", errors="replace"), subset)
+        yield Document(_read_text(file), subset)
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; a binary file (NUL bytes) is refused by name instead of being
+    tokenized as replacement characters."""
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"corpus file {path} is a binary file, not text (it holds NUL bytes): "
+                         f"give text files, or {PATH_KINDS}")
+    return data.decode("utf-8", errors="replace")
 
 
 def _read_jsonl(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for line_no, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text (a binary file?): a .jsonl corpus holds one "
+                                 "JSON object per line") from None
             if not line.strip():
                 continue
             try:

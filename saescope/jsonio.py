@@ -48,7 +48,8 @@ def read_json(path: str | Path) -> dict | None:
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        what = "not UTF-8 text (a binary file?)" if isinstance(err, UnicodeDecodeError) else f"not valid JSON ({err})"
+        raise ValueError(f"{path}: {what}; restore or delete it") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
     return obj

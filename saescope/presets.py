@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from saescope.settings import TrainSettings
+from saescope.settings import TrainSettings, at_least, finite, optional, positive_int
 
 
 @dataclass(frozen=True)
@@ -27,22 +27,22 @@ class RunConfig(TrainSettings):
     #: held-out evaluation corpus (its subsets are reported separately: the paper's per-subset analysis)
     eval_corpus: str = "wiki-vital+python-docs"
     #: held-out tokens for evaluation
-    eval_tokens: int = 8_192
+    eval_tokens: int = field(default=8_192, metadata={"parse": positive_int})
     #: held-out tokens scored for the LM-loss metrics (delta loss, CE recovered, KL): each SAE
     #: costs one partial forward plus Gemma's 262k-word head per token; none = every eval token
-    eval_loss_tokens: int | None = 1_024
+    eval_loss_tokens: int | None = field(default=1_024, metadata={"parse": optional(positive_int)})
     #: precision of the model's forwards for the loss metrics: float32 or bfloat16 (autocast)
     eval_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: zero-ablation forward per site, for CE loss recovered
     zero_ablation: bool = True
     #: tokens scanned for the feature browser
-    feature_tokens: int = 16_384
+    feature_tokens: int = field(default=16_384, metadata={"parse": positive_int})
     #: online: activations computed while training (no disk); store: harvest to disk first
     source: str = field(default="online", metadata={"choices": ("online", "store")})
     #: on-disk activation dtype
     store_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: canonical SAE per site = average L0 closest to this (the paper's rule uses 100)
-    canonical_l0: float = 100.0
+    canonical_l0: float = field(default=100.0, metadata={"parse": at_least(0, finite)})
     #: collect per-latent feature data for the browser
     features: bool = True
     description: str = field(default="", metadata={"flag": False})

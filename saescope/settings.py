@@ -10,20 +10,49 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 
 def whole_number(text: str) -> int:
-    """Whole numbers written as 20000, 20_000 or 2e4."""
+    """Whole numbers written as 20000, 20_000 or 2e4 (not inf or nan: they would fail deep in a run)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
     return int(value)
+
+
+def finite(text: str) -> float:
+    """A float that is neither nan nor ±inf (which would train a NaN SAE and exit 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def at_least(low: float, kind=whole_number, *, high: float | None = None, below: bool = False):
+    """``kind`` within [low, high] (or [low, high) with ``below``): checked while parsing, so
+    ``--batch-size 0`` is a usage error instead of a ZeroDivisionError after the model loads."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (high is not None and (value >= high if below else value > high)):
+            span = f">= {low}" if high is None else f"in [{low}, {high}{')' if below else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text!r}")
+        return value
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+#: a count of at least one (tokens, steps, batch sizes, widths)
+positive_int = at_least(1)
 
 
 def width(text: str) -> int:
@@ -32,7 +61,7 @@ def width(text: str) -> int:
     for suffix, factor in (("k", 1024), ("m", 2**20)):
         if t.endswith(suffix) and t[:-1].isdigit():
             return int(t[:-1]) * factor
-    return whole_number(t)
+    return positive_int(t)
 
 
 def listing(kind):
@@ -40,7 +69,9 @@ def listing(kind):
     def parse(text: str) -> tuple:
         try:
             return tuple(kind(v) for v in text.split(",") if v.strip())
-        except (ValueError, argparse.ArgumentTypeError):
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"in {text!r}: {err}") from None
+        except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
     return parse
 
@@ -50,9 +81,9 @@ def optional(kind):
     return lambda text: None if text.strip().lower() == "none" else kind(text)
 
 
-_PARSERS = {"int": whole_number, "float": float, "str": str, "tuple[int, ...]": listing(whole_number),
-            "tuple[float, ...]": listing(float), "int | None": optional(whole_number),
-            "float | None": optional(float), "str | None": optional(str)}
+_PARSERS = {"int": whole_number, "float": finite, "str": str, "tuple[int, ...]": listing(whole_number),
+            "tuple[float, ...]": listing(finite), "int | None": optional(whole_number),
+            "float | None": optional(finite), "str | None": optional(str)}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -102,6 +133,10 @@ def overrides(cls, args) -> dict[str, Any]:
             if getattr(args, f.name, None) is not None}
 
 
+#: the site kinds (saescope.sites documents them); here, torch-free, so ``--kind`` choices and
+#: usage errors need no torch import
+SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
                  "adam_beta1")
@@ -118,17 +153,18 @@ class TrainSettings:
     #: SAE widths, e.g. 4096,16k
     widths: tuple[int, ...] = field(default=(16_384,), metadata={"parse": listing(width)})
     #: λ sweep (jumprelu, relu): several L0s per site
-    sparsity_coefficients: tuple[float, ...] = field(default=(1e-3,), metadata={"flag": "l0_coefficients"})
+    sparsity_coefficients: tuple[float, ...] = field(
+        default=(1e-3,), metadata={"flag": "l0_coefficients", "parse": listing(at_least(0, finite))})
     #: k sweep (topk, batchtopk): latents per token
-    ks: tuple[int, ...] = field(default=(), metadata={"flag": "k"})
+    ks: tuple[int, ...] = field(default=(), metadata={"flag": "k", "parse": listing(positive_int)})
     #: training tokens per SAE (saescope train from a store: default the whole store once)
-    train_tokens: int | None = field(default=None, metadata={"flag": "tokens"})
+    train_tokens: int | None = field(default=None, metadata={"flag": "tokens", "parse": optional(positive_int)})
     #: tokens per sequence
-    seq_len: int = 1024
+    seq_len: int = field(default=1024, metadata={"parse": at_least(2)})
     #: activations per training step
-    batch_size: int = 4_096
+    batch_size: int = field(default=4_096, metadata={"parse": positive_int})
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
-    lr: float = 7e-5
+    lr: float = field(default=7e-5, metadata={"parse": at_least(1e-12, finite)})
     #: training precision: float32 (the paper) or bfloat16 autocast with fp32 weights
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: b_dec at step 0: zeros (the paper) or mean (the first batch's mean: short runs)
@@ -139,15 +175,15 @@ class TrainSettings:
     #: diagonal input map only: divide dimension d by σ_d to this power (1: standardise)
     input_norm_power: float = 1.0
     #: cosine lr decay to 0 over this final fraction of the run (0: none, the paper)
-    lr_decay_fraction: float = 0.0
+    lr_decay_fraction: float = field(default=0.0, metadata={"parse": at_least(0, finite, high=1)})
     #: Adam β1 (the paper: 0)
-    adam_beta1: float = 0.0
+    adam_beta1: float = field(default=0.0, metadata={"parse": at_least(0, finite, high=1, below=True)})
     #: initialisation, data-order and corpus-split seed
-    seed: int = 0
+    seed: int = field(default=0, metadata={"parse": at_least(0)})
     #: cpu, cuda, cuda:1, ... or auto (cuda if available); changes no result
     device: str = "auto"
     #: steps between checkpoints; changes no result
-    checkpoint_every: int = 1_000
+    checkpoint_every: int = field(default=1_000, metadata={"parse": positive_int})
 
     def recipe_overrides(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RECIPE_FIELDS}

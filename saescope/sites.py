@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+from saescope.settings import SITE_KINDS  # defined there so that parsing flags needs no torch
 
 _SITE_NAME = re.compile(r"^layer_(\d+)/([a-z_]+)$")
 
@@ -202,6 +202,16 @@ def site_width(model: nn.Module, site: Site) -> int:
             return proj.in_features
         return int(proj.nx)  # transformers' Conv1D (GPT-2) stores weight as (nx, nf)
     return int(model.config.hidden_size)
+
+
+def check_sae_fits(model: nn.Module, site: Site, sae: nn.Module, name: str) -> None:
+    """Refuse an SAE whose d_in is not its site's width, naming the SAE, the site and both sizes
+    (torch would say only ``mat1 and mat2 shapes cannot be multiplied``, mid-forward)."""
+    width = site_width(model, site)
+    d_in = int(sae.W_enc.shape[0])
+    if d_in != width:
+        raise ValueError(f"SAE {name} has d_in {d_in}, but site {site.name} of this model is {width} wide: "
+                         "is it an SAE of another model (pass --model) or another site kind (--kind)?")
 
 
 # --------------------------------------------------------------------------------------------

@@ -176,3 +176,87 @@ def test_missing_database_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="saescope features"):
         create_app(tmp_path)
+
+
+@pytest.mark.parametrize("method, url, body, status, says", [
+    # ids: unknown, negative (no route matches), past the end, absurdly large
+    ("get", "/api/sae/99/latent/0", None, 404, "no SAE"),
+    ("get", "/api/sae/-1/latents", None, 404, ""),
+    ("get", "/api/sae/1/latent/-1", None, 404, ""),
+    ("get", "/api/sae/1/latent/64", None, 404, "out of range"),
+    ("get", f"/api/sae/1/latent/{10**30}", None, 404, "out of range"),
+    ("get", f"/api/sae/{10**30}/latents", None, 404, "no SAE"),
+    # paging parameters
+    ("get", "/api/sae/1/latents?offset=-5", None, 400, "offset"),
+    ("get", "/api/sae/1/latents?limit=-1", None, 400, "limit"),
+    ("get", "/api/sae/1/latents?limit=abc", None, 400, "whole number"),
+    ("get", f"/api/sae/1/latents?offset={10**30}", None, 400, "offset"),
+    # path traversal on the static routes
+    ("get", "/static/../server.py", None, 404, ""),
+    ("get", "/static/%2e%2e/server.py", None, 404, ""),
+    ("get", "/static/..%2fserver.py", None, 404, ""),
+    ("get", "/static//etc/passwd", None, 404, ""),
+    ("get", "/static/%2fetc%2fpasswd", None, 404, ""),
+    # search strings shaped like SQL injection are only text; an essay is refused
+    ("get", "/api/sae/1/search?token=' OR 1=1 --", None, 200, None),
+    ("get", "/api/sae/1/search?token=x'); DROP TABLE latents; --", None, 200, None),
+    ("get", "/api/sae/1/search?token=%25", None, 200, None),
+    ("get", "/api/sae/1/search?token=" + "a" * 5000, None, 400, "too long"),
+    # the live box: malformed, mistyped or huge bodies
+    ("post", "/api/sae/1/live", b"{not json", 400, "JSON object"),
+    ("post", "/api/sae/1/live", b"[1, 2]", 400, "JSON object"),
+    ("post", "/api/sae/1/live", b'"Paris"', 400, "JSON object"),
+    ("post", "/api/sae/1/live", {"text": 12}, 400, "must be a string"),
+    ("post", "/api/sae/1/live", {"text": ["Paris"]}, 400, "must be a string"),
+    ("post", "/api/sae/1/live", {"text": None}, 400, "must be a string"),
+    ("post", "/api/sae/1/live", {"text": "Paris " * 2000}, 413, "too long"),
+    ("post", "/api/sae/1/live", b'{"text": "' + b"x" * 100_000 + b'"}', 413, ""),
+    ("post", "/api/sae/1/live", {"text": "Paris", "latent": "abc"}, 400, "whole number"),
+    ("post", "/api/sae/1/live", {"text": "Paris", "latent": 1.5}, 400, "whole number"),
+    ("post", "/api/sae/1/live", {"text": "Paris", "latent": True}, 400, "whole number"),
+    ("post", "/api/sae/1/live", {"text": "Paris", "latent": -3}, 404, "out of range"),
+    ("post", "/api/sae/1/live", {"text": "Paris", "latent": 10**30}, 404, "out of range"),
+    ("post", "/api/sae/99/live", {"text": "Paris"}, 404, "no SAE"),
+    ("get", "/api/sae/1/live", None, 405, ""),
+])
+def test_hostile_requests_get_a_4xx_json_error(client, method, url, body, status, says):
+    kwargs = {"json": body} if isinstance(body, dict) else {"data": body, "content_type": "application/json"}
+    r = getattr(client, method)(url, follow_redirects=True, **(kwargs if body is not None else {}))
+    assert r.status_code == status, (url, r.status_code, r.get_data(as_text=True)[:300])
+    if status >= 400:
+        assert r.is_json and says in r.get_json()["error"], r.get_data(as_text=True)[:300]
+    else:
+        assert r.get_json() == []  # the injection matched no token: it was only ever a string
+    # the server is still whole afterwards: the tables an injection might drop still answer
+    assert client.get("/api/sae/1/latent/0").status_code == 200
+
+
+def test_database_path_with_hash_or_question_mark_opens_that_file_read_only(client, tmp_path):
+    """Unquoted, ``file:{path}?mode=ro`` was cut at '#' or '?': SQLite opened another file (or
+    created an empty one there) and read-only mode was lost."""
+    import shutil
+    import sqlite3
+
+    from saescope.features.server import create_app
+    from saescope.features.store import FeatureStore
+
+    source = client.application.config["store"].path
+    for name in ("run#2", "run?mode=rwc", "a b%20#c?d"):
+        folder = tmp_path / name / "features"
+        folder.mkdir(parents=True)
+        shutil.copy(source, folder / "features.sqlite")
+        store = FeatureStore(tmp_path / name)
+        assert store.path == folder / "features.sqlite" and store.meta["model"] == "tiny"
+        assert len(store.saes()) == 3
+        with store._connect() as db, pytest.raises(sqlite3.OperationalError, match="readonly"):
+            db.execute("DELETE FROM latents")
+        assert create_app(tmp_path / name).test_client().get("/api/sae/1/latent/0").status_code == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run#2", "run?mode=rwc", "a b%20#c?d"])  # no strays
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    from saescope.features.store import FeatureStore
+
+    (tmp_path / "features.sqlite").write_bytes(b"\x00\x01 not sqlite" * 100)
+    with pytest.raises(ValueError, match="not a saescope feature database"):
+        FeatureStore(tmp_path)

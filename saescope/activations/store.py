@@ -73,7 +73,9 @@ def read_manifest(root: Path) -> dict | None:
     path = root / MANIFEST
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    from saescope.jsonio import read_json  # names the file when it is not JSON
+
+    manifest = read_json(path)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a saescope activation store manifest (format {manifest.get('format')!r})")
     return manifest

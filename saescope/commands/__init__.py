@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
+from saescope.settings import at_least, finite, positive_int
 
+__all__ = ["at_least", "finite", "positive_int", "port"]
 
-def positive_int(text: str) -> int:
-    """Whole numbers written as 20000, 20_000 or 2e4 (argparse ``type=``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return int(value)
+#: a TCP port to listen on (0: any free one)
+port = at_least(0, high=65535)

@@ -16,11 +16,11 @@ import argparse
 
 from pathlib import Path
 
-from saescope.commands import positive_int as _int
+from saescope.commands import at_least, positive_int as _int
 
 
 def add_parser(subparsers) -> None:
-    from saescope.sites import SITE_KINDS
+    from saescope.settings import SITE_KINDS
 
     p = subparsers.add_parser(
         "eval",
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", help="model name, folder or hub id (default: from the SAEs' config.json)")
     p.add_argument("--corpus", default=None, help="held-out corpus, '+' joins (default: wiki-vital)")
     p.add_argument("--tokens", type=_int, default=16384, help="evaluation tokens (default 16384)")
-    p.add_argument("--seq-len", type=_int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--seq-len", type=at_least(2), default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--kind", choices=SITE_KINDS, help="site kind, for folders whose config and path do not say it")
     p.add_argument("--batch-seqs", type=_int, default=None, help="sequences per forward (default: automatic)")
@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
                    help="precision of the model's forwards for the loss metrics (SAEs stay float32; default float32)")
     p.add_argument("--no-zero-ablation", action="store_true", help="skip zero ablation (no ce_loss_score)")
     p.add_argument("--splice-bos", action="store_true", help="also splice the BOS position (default: left clean)")
-    p.add_argument("--seed", type=int, default=0, help="held-out split and loss-position sampling seed (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="held-out split and loss-position sampling seed (default 0)")
     p.add_argument("--report", type=Path, default=None, help="also write the HTML report into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -64,14 +64,20 @@ def _model_name(release: Path, given: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from saescope.outputs import writable_folder
+
+    if not args.release.exists():  # checked before torch is imported
+        raise FileNotFoundError(f"release folder {args.release} does not exist")
+    writable_folder(args.release if args.release.is_dir() else args.release.parent, "--release")  # metrics.json
+    if args.report is not None:
+        writable_folder(args.report, "--report")
+
     from saescope.distributed.env import resolve_device
     from saescope import defaults
     from saescope.evaluate.suite import EvalConfig, evaluate_release
     from saescope.models import load_model
     from saescope.tokens import load_corpus, model_context_length
 
-    if not args.release.exists():
-        raise FileNotFoundError(f"release folder {args.release} does not exist")
     model_name = _model_name(args.release, args.model)
     device = str(resolve_device(args.device))
     cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed, dtype=args.dtype,

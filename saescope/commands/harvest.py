@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from saescope.commands import positive_int as _int
+from saescope.commands import at_least, positive_int as _int
 
 
 def add_parser(subparsers) -> None:
@@ -39,10 +39,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sites", default="all", help="site selection (see above; default all)")
     p.add_argument("--tokens", type=_int, default=None,
                    help="kept tokens to harvest (BOS/EOS/padding not counted; default: the whole corpus)")
-    p.add_argument("--seq-len", type=_int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--seq-len", type=at_least(2), default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--split", choices=("train", "heldout"), default="train",
                    help="document-level split of the corpus (default train)")
-    p.add_argument("--seed", type=int, default=0, help="corpus shuffle / split seed (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="corpus shuffle / split seed (default 0)")
     p.add_argument("--out", type=Path, required=True, help="run folder; the store is written to OUT/store")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="stored activations: float32 (default, exact) or bfloat16 (half the disk)")
@@ -58,6 +58,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from saescope.outputs import writable_folder
+
+    writable_folder(args.out)  # before torch: a wrong --out fails at once
+
     from saescope.distributed.env import resolve_device
     from saescope.activations.harvest import HarvestConfig, harvest
     from saescope.models import load_model

@@ -29,6 +29,9 @@ def main(args) -> int:
     from saescope.presets import RunConfig, get_preset
     from saescope.settings import overrides
 
+    from saescope.outputs import writable_folder
+
     cfg = get_preset(args.preset).replace(**overrides(RunConfig, args))
+    writable_folder(args.out)
     run(cfg, args.out, progress=not args.no_progress)
     return 0

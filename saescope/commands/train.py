@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saescope.commands import positive_int
+
 
 def add_parser(subparsers) -> None:
     from saescope.settings import TrainSettings, add_flags
@@ -30,7 +32,7 @@ def add_parser(subparsers) -> None:
               shown=TrainSettings())
     how = p.add_argument_group("run")
     how.add_argument("--out", type=Path, default=None, help="run folder (default: the store's parent folder)")
-    how.add_argument("--log-every", type=int, default=100, help="steps between log records (default 100)")
+    how.add_argument("--log-every", type=positive_int, default=100, help="steps between log records (default 100)")
     how.add_argument("--loggers", default="", help="also log to: tensorboard, wandb (comma-separated; must be installed)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     how.add_argument("--parallel", choices=("site", "data", "latent"), default="site",
@@ -60,17 +62,25 @@ def _sites_from(selection: str, available) -> list:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from saescope.distributed.env import init_distributed, launched_by_torchrun, resolve_device
+    from saescope.outputs import writable_folder
     from saescope.settings import TrainSettings, overrides
+
+    # Flags and folders are checked before any data is read or model loaded.
+    given = overrides(TrainSettings, args)
+    s = replace(TrainSettings(), **given)
+    if (args.store is None) == (args.model is None):
+        raise ValueError("give either --store (train from an activation store) or --model (train online)")
+    if args.store is None and s.train_tokens is None:
+        raise ValueError("online training needs --tokens (how many activations to train on)")
+    if args.store is None and args.out is None:
+        raise ValueError("online training needs --out (the run folder)")
+
+    from saescope.distributed.env import init_distributed, launched_by_torchrun, resolve_device
     from saescope.train.recipe import Recipe
     from saescope.train.run import release_results
     from saescope.train.spec import K_ARCHITECTURES, sweep
     from saescope.train.trainer import Trainer, TrainOptions
 
-    given = overrides(TrainSettings, args)
-    s = replace(TrainSettings(), **given)
-    if (args.store is None) == (args.model is None):
-        raise ValueError("give either --store (train from an activation store) or --model (train online)")
     if s.architecture in K_ARCHITECTURES:
         if not s.ks:
             raise ValueError(f"--arch {s.architecture} needs --k (e.g. --k 32,64)")
@@ -78,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--arch {s.architecture} takes --k, not --l0-coefficients")
     elif s.ks:
         raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
+    if args.store is not None and not args.store.is_dir():
+        raise FileNotFoundError(f"no activation store at {args.store}: it does not exist (run saescope harvest first)")
+    writable_folder(args.out if args.out is not None else args.store.resolve().parent)
     env = init_distributed(s.device) if launched_by_torchrun() else None  # torchrun: one GPU per rank
     device = env.device if env is not None else resolve_device(s.device)
 
@@ -91,10 +104,6 @@ def run(args: argparse.Namespace) -> int:
         tokens = s.train_tokens if s.train_tokens is not None else store.n_tokens
         out = args.out if args.out is not None else args.store.resolve().parent
     else:
-        if s.train_tokens is None:
-            raise ValueError("online training needs --tokens (how many activations to train on)")
-        if args.out is None:
-            raise ValueError("online training needs --out (the run folder)")
         from saescope import defaults
         from saescope.activations.online import OnlineSource
         from saescope.models import load_model
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> int:
     """Under torchrun: site- or data-parallel training (docs/distributed.md); rank 0 reports."""
-    import json
+    from saescope.jsonio import read_json
 
     from saescope.distributed.env import shutdown
     from saescope.distributed.modes import fit_distributed
@@ -160,7 +169,7 @@ def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> 
         shutdown()
     stopped = []
     if env.is_main:
-        summary = json.loads((out / "train_summary.json").read_text())
+        summary = read_json(out / "train_summary.json")
         stopped = [s for s in summary["saes"] if s["status"] == "stopped"]
         for folder in folders:
             print(f"released {folder}")

@@ -69,7 +69,10 @@ def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.dev
     process's GPU; anything else as given."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:1, ... or auto") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":

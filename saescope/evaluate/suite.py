@@ -42,7 +42,7 @@ from saescope.evaluate.lm_scores import head_is_linear
 from saescope.jsonio import read_json, write_json
 from saescope.evaluate.splice import SpliceHook
 from saescope.sae.base import SAE
-from saescope.sites import Site
+from saescope.sites import Site, check_sae_fits
 from saescope.tokens import TokenizedCorpus
 
 
@@ -268,6 +268,7 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
 
     for site, folder in entries:
         sae = read_release_folder(folder, root, kind=kind, device=device).sae
+        check_sae_fits(model, site, sae, str(folder))
         n_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
         if group and group_bytes + n_bytes > sae_memory_mb * 2**20:
             run_group()

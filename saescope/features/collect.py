@@ -32,7 +32,7 @@ from saescope.features.stats import (
     TokenIndex,
 )
 from saescope.features.store import DB_NAME, FeatureWriter
-from saescope.sites import Site, capture
+from saescope.sites import Site, capture, check_sae_fits
 
 #: log10(frequency) bin edges of each SAE's latent-density histogram
 DENSITY_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]
@@ -204,7 +204,8 @@ def collect_features(
         raise ValueError("no SAEs to collect features for")
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
-    for site, sae in saes.values():
+    for name, (site, sae) in saes.items():
+        check_sae_fits(model, site, sae, name)
         sae.to(device)
     N, T = corpus.input_ids.shape
     seqs_per_batch = max(1, cfg.batch_tokens // T)

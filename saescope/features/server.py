@@ -13,6 +13,10 @@ JSON API (all GET unless noted):
 ``/api/sae/<sae>/live`` (POST)         ``{"text": ..., "latent": optional}``: runs the model on the
                                        text and returns, per token, the SAE's strongest latents
 
+Every bad request (unknown or out-of-range ids, malformed or oversized JSON, a text that is not a
+string, a search string past :data:`SEARCH_MAX_CHARS`, a path outside ``static/``) is answered
+with a 4xx ``{"error": ...}``; queries are parameterised, so a search string is only ever text.
+
 The model for the live box is loaded once, on first use, by name from the database's metadata
 (``saescope.models.load_model``); SAEs come from their release folders
 (``saescope.release.load_sae``).  Both loaders can be replaced (tests pass tiny in-memory ones).
@@ -28,6 +32,12 @@ from saescope.features.store import FeatureStore
 
 STATIC = Path(__file__).parent / "static"
 LIVE_MAX_TOKENS = 256
+#: the live box reads at most this many characters (the model sees LIVE_MAX_TOKENS tokens anyway)
+LIVE_MAX_CHARS = 4096
+SEARCH_MAX_CHARS = 200
+#: request bodies past this are refused (413) before they are read
+MAX_BODY_BYTES = 64 * 1024
+PAGE_MAX = 500
 
 
 class LiveModel:
@@ -61,6 +71,8 @@ class LiveModel:
 
         from saescope.sites import Site, capture
 
+        from saescope.sites import check_sae_fits
+
         row = self.store.sae(sae_id)
         site = Site.parse(row["site"])
         with self.lock:
@@ -68,7 +80,9 @@ class LiveModel:
                 self._model = self._load_model()
             model, tokenizer = self._model
             if sae_id not in self._saes:
-                self._saes[sae_id] = self._load_sae(row)
+                sae = self._load_sae(row)
+                check_sae_fits(model, site, sae, row["name"])
+                self._saes[sae_id] = sae
             sae = self._saes[sae_id]
             device = next(model.parameters()).device
             sae.to(device)
@@ -93,11 +107,13 @@ def create_app(path: Path | str, *, load_model: Callable | None = None, load_sae
     """A Flask app serving the feature database at ``path`` (a run directory, its features
     folder, or the ``features.sqlite`` file)."""
     from flask import Flask, abort, jsonify, request, send_from_directory
+    from werkzeug.exceptions import HTTPException
 
     store = FeatureStore(path)
     live = LiveModel(store, load_model, load_sae)
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["store"] = store
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     n_saes = {row["sae"]: row["d_sae"] for row in store.saes()}
 
     def check(sae: int, latent: int | None = None) -> None:
@@ -106,10 +122,27 @@ def create_app(path: Path | str, *, load_model: Callable | None = None, load_sae
         if latent is not None and not 0 <= latent < n_saes[sae]:
             abort(404, f"latent {latent} out of range: this SAE has {n_saes[sae]} latents (0..{n_saes[sae] - 1})")
 
-    @app.errorhandler(400)
-    @app.errorhandler(404)
+    def whole(name: str, default: int, low: int, high: int) -> int:
+        """A query parameter as an int in [low, high], or a 400 naming it."""
+        text = request.args.get(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            abort(400, f"{name} must be a whole number, got {text[:40]!r}")
+        if not low <= value <= high:
+            abort(400, f"{name} must lie in [{low}, {high}], got {value}")
+        return value
+
+    @app.errorhandler(HTTPException)
     def json_error(err):
         return jsonify(error=err.description), err.code
+
+    @app.errorhandler(Exception)
+    def unexpected(err):  # a bug: the page gets JSON and the server keeps running
+        app.logger.exception("unexpected error")
+        return jsonify(error=f"internal error ({type(err).__name__}); see the server's log"), 500
 
     @app.get("/")
     def index():
@@ -123,11 +156,10 @@ def create_app(path: Path | str, *, load_model: Callable | None = None, load_sae
     @app.get("/api/sae/<int:sae>/latents")
     def latents(sae: int):
         check(sae)
+        offset = whole("offset", 0, 0, n_saes[sae])
+        limit = whole("limit", 50, 1, 2**31)
         try:
-            rows = store.latent_list(
-                sae, request.args.get("order", "latent"),
-                int(request.args.get("offset", 0)), min(int(request.args.get("limit", 50)), 500),
-            )
+            rows = store.latent_list(sae, request.args.get("order", "latent"), offset, min(limit, PAGE_MAX))
         except ValueError as err:
             abort(400, str(err))
         return jsonify(rows)
@@ -140,20 +172,31 @@ def create_app(path: Path | str, *, load_model: Callable | None = None, load_sae
     @app.get("/api/sae/<int:sae>/search")
     def search(sae: int):
         check(sae)
-        return jsonify(store.search_token(sae, request.args.get("token", "")))
+        token = request.args.get("token", "")
+        if len(token) > SEARCH_MAX_CHARS:
+            abort(400, f"search text too long ({len(token)} characters; at most {SEARCH_MAX_CHARS})")
+        return jsonify(store.search_token(sae, token))
 
     @app.post("/api/sae/<int:sae>/live")
     def run_live(sae: int):
         check(sae)
-        body = request.get_json(silent=True) or {}
-        text = str(body.get("text", ""))
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            abort(400, 'the body must be a JSON object: {"text": "...", "latent": optional id}')
+        text = body.get("text", "")
+        if not isinstance(text, str):
+            abort(400, f"text must be a string, got {type(text).__name__}")
+        if len(text) > LIVE_MAX_CHARS:
+            abort(413, f"text too long ({len(text)} characters; at most {LIVE_MAX_CHARS})")
         if not text.strip():
             abort(400, "type some text first")
         latent = body.get("latent")
         if latent is not None:
-            check(sae, int(latent))
+            if isinstance(latent, bool) or not isinstance(latent, int):
+                abort(400, f"latent must be a whole number, got {latent!r:.40}")
+            check(sae, latent)
         try:
-            return jsonify(live.run(sae, text, None if latent is None else int(latent)))
+            return jsonify(live.run(sae, text, latent))
         except (RuntimeError, FileNotFoundError, ValueError) as err:
             abort(400, f"live run failed: {err}")
 

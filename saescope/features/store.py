@@ -156,15 +156,21 @@ class FeatureStore:
                 f"no feature database at {path}: run `saescope features --release RUN/release` first"
             )
         self.path = path
-        with self._connect() as db:
-            self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        # A URI, so read-only mode holds; quoted, so a '#' or '?' in the path is part of the name
+        # (unquoted, SQLite cut the path there: another file was opened, or an empty one created).
+        self.uri = path.resolve().as_uri() + "?mode=ro"
+        try:
+            with self._connect() as db:
+                self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        except (sqlite3.DatabaseError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a saescope feature database ({err}): rerun `saescope features`") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has feature format {self.meta.get('format_version')}, expected {FORMAT_VERSION}")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A read-only connection, closed on exit (sqlite3's own ``with`` only commits)."""
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        db = sqlite3.connect(self.uri, uri=True)
         db.row_factory = sqlite3.Row
         try:
             yield db
