@@ -20,3 +20,10 @@ class IntegrityError(UserError):
 
 class LockedError(UserError):
     """Another live process is writing the same output folder (the message names its pid)."""
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (a fallback taken, a stale file removed): the run goes on."""
+    import sys
+
+    print(f"saescope: warning: {message}", file=sys.stderr, flush=True)
