@@ -20,7 +20,11 @@ before the command finished (it was too quick) is reported, not counted.
     PYTHONPATH=. python3 benchmarks/crash_consistency.py [--random 3] [--seed 0] [--only harvest,train,run]
 
 ``--budget SECONDS`` bounds the time: points left when it runs out are skipped and reported.
-The test suite drives :func:`run_points` on a few points (tests/test_crash_consistency.py).
+The test suite drives :func:`run_points` on one point (tests/test_crash_consistency.py).
+
+Measured (``--random 2``, 2 shared CPU cores): 23 points tried, 22 killed (one random delay fell
+after the command had finished), 22 end states identical — harvest 6/6, train 8/8, run 8/8 — in
+521 s; an uninterrupted harvest, train and run take 12 s, 11 s and 26 s.
 """
 
 from __future__ import annotations
