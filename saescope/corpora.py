@@ -96,16 +96,35 @@ def read_corpus(name: str) -> Iterator[Document]:
 def iter_documents(name: str, *, seed: int = 0, shuffle_buffer: int = DOC_SHUFFLE_BUFFER) -> Iterator[Document]:
     """Documents of ``name`` ('+' joins corpora): each part shuffled, parts mixed in equal shares.
 
-    Deterministic given ``(name, seed)``.  Every part is opened (and so checked) before the first
-    document is yielded.
+    Deterministic given the corpora's contents and ``seed``: each part's shuffle is seeded by
+    ``seed`` and the part's place in ``name`` (a built-in corpus by its own name), never by how a
+    path is spelled, so ``./docs``, ``docs/`` and the absolute path give the same documents.
+    Every part is opened (and so checked) before the first document is yielded.
     """
     streams = []
-    for part in split_corpus_name(name):
+    for index, part in enumerate(split_corpus_name(name)):
         docs = read_corpus(part)
         if shuffle_buffer > 1:
-            docs = _shuffled(docs, shuffle_buffer, random.Random(f"{seed}:{part}"))
+            key = part if part in NAMED_CORPORA else f"part {index}"
+            docs = _shuffled(docs, shuffle_buffer, random.Random(f"{seed}:{key}"))
         streams.append(docs)
     return _mix_equal_shares(streams)
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with every part that is an existing path written as its resolved absolute path
+    (``./tiny``, ``tiny/`` and ``/abs/tiny`` are one corpus or model); other names unchanged.
+    What a run records and compares, so a relaunch spelling a path otherwise is not refused."""
+    def one(part: str) -> str:
+        prefix = "hf:" if part.startswith("hf:") else ""
+        path = Path(part[len(prefix):]).expanduser()
+        return prefix + str(path.resolve()) if path.exists() else part
+
+    try:
+        parts = split_corpus_name(name)
+    except ValueError:
+        return name
+    return "+".join(one(p) for p in parts)
 
 
 def python_docs_path() -> Path:

@@ -47,3 +47,10 @@ def describe_os_error(err: OSError) -> str:
     what = _OS_HINTS.get(name) or (err.strerror or str(err))
     paths = [p for p in (err.filename, err.filename2) if p is not None]
     return f"{' -> '.join(map(str, paths))}: {what}" if paths else what
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (a fallback taken, a stale file removed): the run goes on."""
+    import sys
+
+    print(f"saescope: warning: {message}", file=sys.stderr, flush=True)

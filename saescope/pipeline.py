@@ -19,33 +19,58 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from saescope.jsonio import write_json
+from saescope.corpora import canonical_name
+from saescope.errors import IntegrityError, UserError
+from saescope.jsonio import read_json, write_json
+from saescope.locks import folder_lock
 from saescope.presets import RunConfig
 
 STAGES = ("train", "eval", "report", "features")
 #: settings that do not change any result, so a resumed run may change them
 _RUNTIME_ONLY = {"device", "checkpoint_every"}
+#: settings naming a model or corpus, compared as resolved paths
+_NAMES = {"model", "corpus", "eval_corpus"}
 
 
 class RunState:
-    """``run.json``: the configuration and the finished stages of one run folder."""
+    """``run.json``: the configuration, the data's fingerprints and the finished stages of one run
+    folder.  Written as soon as a run starts (not when training ends), so a killed run relaunched
+    with another configuration or other data is refused, not resumed on a mixture."""
 
     def __init__(self, out: Path, cfg: RunConfig):
         self.path = out / "run.json"
-        self.data: dict = {"config": cfg.to_dict(), "stages": {}}
-        if self.path.exists():
-            previous = json.loads(self.path.read_text())
-            mine, theirs = cfg.to_dict(), previous.get("config", {})
+        mine = _canonical(cfg.to_dict())
+        self.data: dict = {"config": mine, "data": {}, "stages": {}}
+        try:
+            previous = read_json(self.path)
+        except ValueError as err:
+            raise IntegrityError(f"{err}; delete {out} to start the run over") from None
+        if previous is not None:
+            theirs = _canonical(previous.get("config", {}))
             differ = sorted(k for k in set(mine) | set(theirs)
                             if k not in _RUNTIME_ONLY and _norm(mine.get(k)) != _norm(theirs.get(k)))
             if differ:
                 detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
-                raise ValueError(f"{out} holds a run with another configuration ({detail}); "
-                                 "use another --out or the same settings")
+                raise UserError(f"{out} holds a run with another configuration ({detail}); "
+                                "use another --out or the same settings")
+            self.data["data"] = previous.get("data", {})
             self.data["stages"] = previous.get("stages", {})
+        if previous != self.data:  # a finished run relaunched changes nothing
+            write_json(self.path, self.data)
 
     def done(self, stage: str) -> bool:
         return stage in self.data["stages"]
+
+    def check_data(self, what: str, fingerprint: str) -> None:
+        """Record the fingerprint of one input (``what``: e.g. ``corpus``) on first sight; refuse
+        a relaunch whose input's content changed since (the same name, other data)."""
+        seen = self.data["data"].get(what)
+        if seen is None:
+            self.data["data"][what] = fingerprint
+            write_json(self.path, self.data)
+        elif seen != fingerprint:
+            raise UserError(f"{self.path.parent} holds a run whose {what} had content fingerprint {seen}; the "
+                            f"{what} read now has {fingerprint} (its files changed); restore them, or use another --out")
 
     def finish(self, stage: str, seconds: float, **info) -> None:
         self.data["stages"][stage] = {"seconds": round(seconds, 1), **info}
@@ -54,6 +79,11 @@ class RunState:
 
 def _norm(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _canonical(config: dict) -> dict:
+    """The configuration with model and corpus paths resolved (one folder, however spelled)."""
+    return {k: canonical_name(v) if k in _NAMES and isinstance(v, str) else v for k, v in config.items()}
 
 
 @contextmanager
@@ -68,9 +98,14 @@ def _stage(state: RunState, name: str, log) -> Iterator[dict]:
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) every stage; return ``run.json``'s contents."""
+    """Run (or resume) every stage; return ``run.json``'s contents.  The run folder is locked
+    meanwhile: a second ``saescope run`` on it is refused, naming this one's pid."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "run folder"):
+        return _run(cfg, out, progress=progress, log=log)
+
+
+def _run(cfg: RunConfig, out: Path, *, progress: bool, log) -> dict:
     state = RunState(out, cfg)
     if all(state.done(s) for s in _wanted_stages(cfg)):
         log(f"{out} is complete; nothing to do")
@@ -93,11 +128,13 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True, log=print) ->
     if not state.done("eval") or (cfg.features and not state.done("features")):
         eval_corpus = load_corpus(cfg.eval_corpus, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
                                   split="heldout", seed=cfg.seed, max_context=context)
+        state.check_data("eval_corpus", eval_corpus.fingerprint())
 
     if not state.done("train"):
         with _stage(state, "train", log) as info:
             corpus = load_corpus(cfg.corpus, tokenizer, seq_len=cfg.seq_len, max_tokens=cfg.train_tokens,
                                  split="train", seed=cfg.seed, max_context=context)
+            state.check_data("corpus", corpus.fingerprint())
             source = _activation_source(cfg, model, tokenizer, corpus, sites, out, progress)
             info.update(_train(cfg, source, sites, out, progress))
 

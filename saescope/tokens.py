@@ -76,6 +76,17 @@ class TokenizedCorpus:
         """Distinct documents with at least one token here."""
         return int(np.unique(self.doc_ids[self.doc_ids >= 0]).size)
 
+    def fingerprint(self) -> str:
+        """The data's identity: SHA-256 (first 16 hex digits) of the packed ids' shape (so
+        ``seq_len``), the ids and the keep mask.  What a store and a training run record, so a
+        resume on other data is refused while two spellings of one corpus's path agree."""
+        ids = np.ascontiguousarray(self.input_ids, dtype=np.int64)
+        keep = np.ascontiguousarray(self.keep_mask, dtype=bool)
+        h = hashlib.sha256()
+        for chunk in (str(ids.shape).encode(), ids.tobytes(), keep.tobytes()):
+            h.update(chunk)
+        return h.hexdigest()[:16]
+
     def subset_token_counts(self) -> dict[str, int]:
         """Kept tokens per subset name."""
         counts = np.bincount(self.subset_ids[self.keep_mask].astype(np.int64), minlength=len(self.subsets))

@@ -36,6 +36,7 @@ from conftest import build_tiny_corpus, build_tiny_model
 from saescope.activations.harvest import HarvestConfig, harvest
 from saescope.distributed.assign import assign_specs
 from saescope.distributed.env import DistEnv, init_distributed, maybe_inject_failure
+from saescope.locks import LOCK_FILE
 from saescope.sites import Site
 from saescope.train.checkpoint import CheckpointDir
 from saescope.train.run import train_and_release
@@ -140,7 +141,7 @@ def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 def store_contents(root: Path) -> tuple[dict[str, bytes], list[dict], bool]:
     manifest = json.loads((root / "manifest.json").read_text())
     files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-             if p.is_file() and p.name != "manifest.json"}
+             if p.is_file() and p.name not in ("manifest.json", LOCK_FILE)}  # the lock names its holder's pid
     return files, sorted(manifest["shards"], key=lambda g: g["index"]), manifest["complete"]
 
 

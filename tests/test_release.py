@@ -17,6 +17,7 @@ from saescope.release import (
     save_sae,
     width_label,
 )
+from saescope.errors import IntegrityError
 from saescope.sae.base import SAEConfig
 from saescope.sae.registry import build_sae
 from saescope.sites import Site
@@ -50,7 +51,8 @@ def test_round_trip_is_exact(tmp_path, architecture):
     config = {"model": "tiny", "site": "layer_2/resid_post", "sparsity_coefficient": 1e-3, "tokens_seen": 4096, "input_scale": 3.0}
     written = save_sae(sae, folder, config=config, metrics={"fvu": 0.12})
     assert written == folder
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "params.npz", "params.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "config.json", "metrics.json", "params.npz",
+                                                        "params.safetensors"]
     assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary folder left behind
 
     with np.load(folder / "params.npz", allow_pickle=False) as npz:
@@ -224,6 +226,9 @@ def test_unreadable_or_inconsistent_folders(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["d_in"] = 99
     (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IntegrityError, match="ours/config.json is damaged .its SHA-256 does not match"):
+        load_sae(folder)
+    (folder / "SHA256SUMS").unlink()  # a hand-made folder: no checksums, the config is checked
     with pytest.raises(ValueError, match="config says d_in = 99"):
         load_sae(folder)
     (folder / "config.json").write_text("{broken")

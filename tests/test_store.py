@@ -13,6 +13,7 @@ from saescope.activations.harvest import HarvestConfig, harvest
 from saescope.sites import Site, select_sites
 from saescope.activations.store import ActivationStore, StoreReader
 from saescope.activations.online import OnlineSource
+from saescope.errors import IntegrityError
 
 SITES = select_sites("resid_post,attn_z@1", 3)
 
@@ -124,16 +125,16 @@ def test_corrupted_shard_is_named_on_read_and_by_verify(store_path, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte, same size
     shard.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="corrupted or missing files: layer_1/attn_z/shard_00001.npy$"):
+    with pytest.raises(IntegrityError, match="corrupted or missing files: layer_1/attn_z/shard_00001.npy$"):
         ActivationStore(path).verify()
     reader = StoreReader(path, buffer_tokens=10**6)
-    with pytest.raises(RuntimeError, match="corrupted shard layer_1/attn_z/shard_00001.npy"):
+    with pytest.raises(IntegrityError, match="corrupted shard layer_1/attn_z/shard_00001.npy"):
         next(reader.iter_batches(8))
     # the other sites' shards are fine
     next(StoreReader(path, sites=[Site(0, "resid_post")]).iter_batches(8))
 
     (path / "layer_0" / "resid_post" / "shard_00000.npy").unlink()
-    with pytest.raises(RuntimeError, match="missing shard .*layer_0/resid_post/shard_00000.npy"):
+    with pytest.raises(IntegrityError, match="missing shard .*layer_0/resid_post/shard_00000.npy"):
         next(StoreReader(path, sites=[Site(0, "resid_post")]).iter_batches(8))
 
 

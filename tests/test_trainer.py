@@ -69,6 +69,7 @@ class KillAt:
     def __init__(self, source, kill_step):
         self.source, self.kill_step = source, kill_step
         self.sites, self.d_in = source.sites, source.d_in
+        self.data_identity = source.data_identity  # the same data as the source it wraps
 
     def iter_batches(self, batch_size, *, seed=0, skip_batches=0):
         for step, batch in enumerate(self.source.iter_batches(batch_size, seed=seed, skip_batches=skip_batches),

@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from saescope.activations.capture import capture_kept, check_corpus, check_sites
-from saescope.activations.store import DISK_DTYPES, ActivationStore, prepare_store, read_manifest, write_manifest
+from saescope.activations.store import DISK_DTYPES, ActivationStore, config_differs, prepare_store, read_manifest, write_manifest
 from saescope.activations.writer import PARTS, PENDING, ShardWriter, fold_into_manifest, part_recorder, read_entries
 from saescope.distributed.collectives import barrier
 from saescope.distributed.env import DistEnv, current, maybe_inject_failure
+from saescope.locks import folder_lock
 from saescope.sites import Site, site_width
 from saescope.tokens import TokenizedCorpus
 
@@ -111,14 +112,14 @@ def store_header(model: nn.Module, tokenizer, corpus: TokenizedCorpus, sites: li
     resume), site widths, token counts, subsets and tokenizer."""
     model_name = cfg.model_name or getattr(model, "name_or_path", "") or model.config.model_type
     keep = np.ascontiguousarray(corpus.keep_mask, dtype=bool)
-    input_ids = np.ascontiguousarray(corpus.input_ids, dtype=np.int64)
+    input_ids = corpus.input_ids
     header = {
         "config": {
             "model": str(model_name),
             **model_fingerprints(model),
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "corpus": corpus.name,
-            "corpus_sha256": _fingerprint(str(input_ids.shape).encode(), input_ids.tobytes(), keep.tobytes()),
+            "corpus_sha256": corpus.fingerprint(),
             "seq_len": int(input_ids.shape[1]),
             "sites": [s.name for s in sites],
             "dtype": cfg.dtype,
@@ -213,6 +214,13 @@ def harvest(
     each shard group is recorded.  ``tokenizer`` is only recorded (the corpus is tokenized).
     """
     env = env or current()
+    if env.is_main:  # rank 0 alone cleans up and writes the manifest: one harvest per folder
+        with folder_lock(out, "activation store"):
+            return _harvest(model, tokenizer, corpus, sites, Path(out), cfg, on_shard, env)
+    return _harvest(model, tokenizer, corpus, sites, Path(out), cfg, on_shard, env)
+
+
+def _harvest(model, tokenizer, corpus, sites, out: Path, cfg, on_shard, env) -> ActivationStore:
     cfg = cfg or HarvestConfig()
     sites = check_sites(model, sites)
     check_corpus(model, corpus)
@@ -224,7 +232,7 @@ def harvest(
             fold_into_manifest(out, manifest)
     barrier("waiting for rank 0 to prepare the activation store")
     manifest = read_manifest(out)
-    differ = sorted(k for k, v in header["config"].items() if manifest["config"].get(k) != v)
+    differ = sorted(k for k, v in header["config"].items() if config_differs(k, manifest["config"].get(k), v))
     if differ:
         raise ValueError(f"{env}: this rank's {', '.join(differ)} differ from the store rank 0 prepared in {out}: "
                          "every rank must harvest the same model, corpus and sites")

@@ -61,6 +61,13 @@ class OnlineSource(BucketedSource):
     def n_tokens(self) -> int:
         return self.corpus.n_tokens
 
+    def data_identity(self) -> dict:
+        """The corpus's content fingerprint, its seq_len, and the model's fingerprints."""
+        from saescope.activations.harvest import model_fingerprints
+
+        return {"corpus_sha256": self.corpus.fingerprint(), "seq_len": self.corpus.seq_len,
+                **model_fingerprints(self.model)}
+
     def _plan(self, seed: int, epoch: int) -> list[Bucket]:
         order = rng(seed, epoch, 0).permutation(len(self.corpus))
         pieces = [(int(i), int(self._kept_per_seq[i])) for i in order if self._kept_per_seq[i] > 0]

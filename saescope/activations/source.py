@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, runtime_checkable
 
+import hashlib
+
 import torch
 
 from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks
@@ -35,6 +37,14 @@ class BatchSource(Protocol):
     ) -> Iterator[dict[Site, torch.Tensor]]:
         """Yield ``{site: x_BD}`` float32 CPU tensors forever (epochs loop), deterministically."""
         ...
+
+
+def data_identity(source) -> dict | None:
+    """What a source's data are, for a training run's identity (``checkpoints/run.json``): its
+    ``data_identity()`` (content fingerprints: store, corpus, seq_len, model weights), or None for
+    a source that cannot tell (a wrapper, a test double), which then only matches itself."""
+    method = getattr(source, "data_identity", None)
+    return method() if callable(method) else None
 
 
 class InMemorySource(BucketedSource):
@@ -61,6 +71,14 @@ class InMemorySource(BucketedSource):
         self.n_tokens: int = n_rows.pop()
         self._set_buffer(buffer_tokens, prefetch=False)
         self._chunks = chunks([self.n_tokens], self.buffer_tokens)
+
+    def data_identity(self) -> dict:
+        """SHA-256 of every site's rows (a resume on other tensors is refused)."""
+        h = hashlib.sha256()
+        for site in self.sites:
+            h.update(site.name.encode())
+            h.update(self._tensors[site].contiguous().numpy().tobytes())
+        return {"tensors_sha256": h.hexdigest()[:16], "n_tokens": self.n_tokens}
 
     def iter_batches(self, batch_size: int, *, seed: int = 0, skip_batches: int = 0):
         if batch_size > self.n_tokens:

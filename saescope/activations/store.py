@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks
+from saescope.errors import IntegrityError
 from saescope.sites import Site
 
 FORMAT = "saescope-activations/1"
@@ -93,6 +94,19 @@ def human_bytes(n: float) -> str:
 # Creating or resuming a store
 
 
+#: names of a model or corpus: compared as resolved paths (``./tiny`` and ``/abs/tiny`` resume one
+#: store), and left out of the store's fingerprint (what they name is in model_*_sha256, corpus_sha256)
+NAME_KEYS = ("model", "corpus")
+
+
+def config_differs(key: str, have: Any, want: Any) -> bool:
+    """Whether a store's recorded setting ``key`` and the requested one differ."""
+    if key in NAME_KEYS and isinstance(have, str) and isinstance(want, str):
+        from saescope.corpora import canonical_name
+
+        return canonical_name(have) != canonical_name(want)
+    return have != want
+
 _WHAT_DIFFERS = {
     "model_config_sha256": "the model's config differs",
     "model_weights_sha256": "the model's weights differ",
@@ -136,7 +150,7 @@ def prepare_store(root: Path, header: dict, tokens: dict[str, np.ndarray]) -> di
         problems = [
             _describe_mismatch(k, manifest["config"].get(k), v, manifest, header)
             for k, v in header["config"].items()
-            if manifest["config"].get(k) != v
+            if config_differs(k, manifest["config"].get(k), v)
         ]
         if problems:
             raise ValueError(
@@ -150,7 +164,7 @@ def prepare_store(root: Path, header: dict, tokens: dict[str, np.ndarray]) -> di
             for entry in group["files"].values():
                 path = root / entry["file"]
                 if not path.exists() or path.stat().st_size != entry["bytes"]:
-                    raise RuntimeError(
+                    raise IntegrityError(
                         f"finished shard {entry['file']} of the activation store in {root} is missing or "
                         "truncated; delete the store and harvest again"
                     )
@@ -213,6 +227,16 @@ class ActivationStore:
         return bool(self.manifest["complete"])
 
     @property
+    def fingerprint(self) -> str:
+        """The store's identity: SHA-256 (16 hex digits) of its configuration (names excepted),
+        widths, token metadata's and every shard's SHA-256.  Two stores of the same data agree;
+        a training run records it, so a resume pointed at another store is refused."""
+        config = {k: v for k, v in self.manifest["config"].items() if k not in NAME_KEYS}
+        shards = [[g["files"][s]["sha256"] for s in sorted(g["files"])] for g in self.shards]
+        text = json.dumps([config, self.manifest["widths"], self.manifest["tokens_sha256"], shards], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
     def shards(self) -> list[dict]:
         """Finished shard groups: ``{"index", "row_start", "rows", "files": {site: {...}}}``."""
         return self.manifest["shards"]
@@ -234,12 +258,13 @@ class ActivationStore:
         if entry["file"] in self._verified:
             return path
         if not path.exists():
-            raise RuntimeError(f"missing shard {path} in activation store {self.path}")
+            raise IntegrityError(f"missing shard {path} in activation store {self.path}; delete the store and "
+                                 "harvest again")
         size, digest = path.stat().st_size, None
         if size == entry["bytes"]:
             digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise RuntimeError(
+            raise IntegrityError(
                 f"corrupted shard {entry['file']} in activation store {self.path}: its SHA-256 does not match "
                 f"the manifest ({size} bytes, expected {entry['bytes']}); delete the store and harvest again"
             )
@@ -266,8 +291,9 @@ class ActivationStore:
         from safetensors.numpy import load_file
 
         path = self.path / TOKENS_FILE
-        if sha256_file(path) != self.manifest["tokens_sha256"]:
-            raise RuntimeError(f"corrupted token metadata {path}: its SHA-256 does not match the manifest")
+        if not path.is_file() or sha256_file(path) != self.manifest["tokens_sha256"]:
+            raise IntegrityError(f"corrupted or missing token metadata {path}: its SHA-256 does not match the "
+                                 "manifest; rerun the same harvest to rewrite it")
         return load_file(path)
 
     def verify(self) -> None:
@@ -278,12 +304,13 @@ class ActivationStore:
                 try:
                     self._verified.discard(group["files"][name]["file"])
                     self._check(Site.parse(name), index)
-                except RuntimeError:
+                except IntegrityError:
                     bad.append(group["files"][name]["file"])
-        if sha256_file(self.path / TOKENS_FILE) != self.manifest["tokens_sha256"]:
+        tokens = self.path / TOKENS_FILE
+        if not tokens.is_file() or sha256_file(tokens) != self.manifest["tokens_sha256"]:
             bad.append(TOKENS_FILE)
         if bad:
-            raise RuntimeError(f"activation store {self.path}: corrupted or missing files: {', '.join(bad)}")
+            raise IntegrityError(f"activation store {self.path}: corrupted or missing files: {', '.join(bad)}")
 
 
 class StoreReader(BucketedSource):
@@ -321,6 +348,12 @@ class StoreReader(BucketedSource):
     @property
     def n_tokens(self) -> int:
         return self.store.n_tokens
+
+    def data_identity(self) -> dict:
+        """The store's fingerprint, and the corpus, seq_len and model weights it was made from."""
+        config = self.store.manifest["config"]
+        return {"store_sha256": self.store.fingerprint,
+                **{k: config.get(k) for k in ("corpus_sha256", "seq_len", "model_weights_sha256")}}
 
     def _plan(self, seed: int, epoch: int) -> list[Bucket]:
         return chunk_plan(self._chunks, seed, epoch, self.buffer_tokens)

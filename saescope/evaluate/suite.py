@@ -243,12 +243,21 @@ def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus
     (the usual case) computes the clean forward exactly once.  ``kind`` names the site kind for
     folders whose config and path do not (Gemma Scope's).  Each folder's ``metrics.json`` gets its
     ``eval`` section (the metrics, and ``info``: on what); its ``training`` section is kept.
+    The release is locked meanwhile (no second eval or release writes it at the same time).
     """
+    from saescope.locks import folder_lock
+
+    if not Path(root).exists():
+        raise FileNotFoundError(f"release folder {root} does not exist")
+    with folder_lock(root, "release"):
+        return _evaluate_release(Path(root), model, corpus, cfg, kind, model_name, sae_memory_mb)
+
+
+def _evaluate_release(root: Path, model, corpus, cfg, kind, model_name, sae_memory_mb) -> dict:
     from saescope.release.layout import find_sae_folders, folder_site
     from saescope.release.load import read_release_folder
     from saescope.release.metrics import write_section
 
-    root = Path(root)
     t0 = time.time()
     entries = []
     for folder in find_sae_folders(root):

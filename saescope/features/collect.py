@@ -32,6 +32,7 @@ from saescope.features.stats import (
     TokenIndex,
 )
 from saescope.features.store import DB_NAME, FeatureWriter
+from saescope.locks import folder_lock
 from saescope.sites import Site, capture, check_sae_fits
 
 #: log10(frequency) bin edges of each SAE's latent-density histogram
@@ -195,14 +196,19 @@ def collect_features(
 
     ``saes`` maps a name (the SAE's path under the release root, e.g.
     ``resid_post/layer_3/width_4k/average_l0_52``) to ``(site, sae)``; SAEs must be in release
-    form (they encode raw site activations).  Returns the database path.
+    form (they encode raw site activations).  Returns the database path.  ``out_dir`` is locked
+    meanwhile (a second writer is refused, naming this process).
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or FeatureConfig()
     if not saes:
         raise ValueError("no SAEs to collect features for")
-    out_dir = Path(out_dir)
+    with folder_lock(out_dir, "feature folder"):
+        return _collect(model, tokenizer, corpus, saes, Path(out_dir), cfg)
+
+
+def _collect(model, tokenizer, corpus, saes, out_dir: Path, cfg: FeatureConfig) -> Path:
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     for name, (site, sae) in saes.items():
         check_sae_fits(model, site, sae, name)

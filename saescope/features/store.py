@@ -37,7 +37,9 @@ top_logits, bottom_logits)``, primary key (sae, latent)
 ``vocab(token INTEGER PRIMARY KEY, text TEXT)``
     The decoded text of every token id the other tables mention.
 
-The file is written under a temporary name and renamed into place when complete.
+The file is written under a temporary name and renamed into place when complete, beside
+``features.sqlite.sha256`` (``sha256sum`` format): :class:`FeatureStore` checks it on opening, so
+a damaged or half-copied database is refused by name instead of serving wrong cards.
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ from typing import Any
 
 import numpy as np
 
+from saescope.errors import IntegrityError
+
 FORMAT_VERSION = 1
 DB_NAME = "features.sqlite"
+CHECKSUM_SUFFIX = ".sha256"
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -79,7 +84,8 @@ class FeatureWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.tmp.unlink(missing_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # a killed writer's (the
+            stale.unlink(missing_ok=True)  # caller holds the folder's lock: no live one owns them)
         self.db = sqlite3.connect(self.tmp)
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
         self.token_ids: set[int] = set()
@@ -134,8 +140,28 @@ class FeatureWriter:
         self.db.execute("CREATE INDEX vocab_by_text ON vocab (text)")
         self.db.commit()
         self.db.close()
+        from saescope.activations.store import sha256_file, write_atomic
+
+        write_atomic(checksum_path(self.path), f"{sha256_file(self.tmp)}  {self.path.name}\n".encode())
         os.replace(self.tmp, self.path)
         return self.path
+
+
+def checksum_path(db: Path) -> Path:
+    return db.with_name(db.name + CHECKSUM_SUFFIX)
+
+
+def verify_database(path: Path) -> None:
+    """Check a feature database against its ``.sha256`` file (absent for files made before it)."""
+    from saescope.activations.store import sha256_file
+
+    sums = checksum_path(path)
+    if not sums.is_file():
+        return
+    digest = sums.read_text(errors="replace").partition(" ")[0]
+    if sha256_file(path) != digest:
+        raise IntegrityError(f"feature database {path} is damaged (its SHA-256 does not match {sums}); "
+                             "rerun `saescope features` (or `saescope run`) to write it again")
 
 
 class FeatureStore:
@@ -159,6 +185,7 @@ class FeatureStore:
         # A URI, so read-only mode holds; quoted, so a '#' or '?' in the path is part of the name
         # (unquoted, SQLite cut the path there: another file was opened, or an empty one created).
         self.uri = path.resolve().as_uri() + "?mode=ro"
+        verify_database(path)
         try:
             with self._connect() as db:
                 self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}

@@ -19,6 +19,9 @@ PARAMS_NPZ = "params.npz"
 PARAMS_SAFETENSORS = "params.safetensors"
 PARAM_FILES = (PARAMS_NPZ, PARAMS_SAFETENSORS)
 CONFIG_JSON = "config.json"
+#: ``sha256sum`` lines for the files above (not metrics.json, which eval extends): written last by
+#: :func:`saescope.release.save.save_sae`, checked by every load; Gemma Scope's folders have none
+CHECKSUMS = "SHA256SUMS"
 METRICS_JSON = "metrics.json"
 #: Gemma Scope repositories (google/gemma-scope-2b-pt-res, …; in the hub cache models--google--…)
 GEMMA_SCOPE_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)(?![a-z])")
@@ -78,10 +81,27 @@ def find_sae_folders(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"release folder {root} does not exist")
     if is_sae_folder(root):
         return [root]
-    found = sorted({p.parent for name in PARAM_FILES for p in root.rglob(name)})
+    # a hidden folder (".average_l0_52.tmp-…" of a release killed while writing) is never an SAE
+    found = sorted({p.parent for name in PARAM_FILES for p in root.rglob(name)
+                    if not any(part.startswith(".") for part in p.relative_to(root).parts)})
     if not found:
         raise FileNotFoundError(f"no SAE under {root} (looked for {' or '.join(PARAM_FILES)})")
     return found
+
+
+def remove_stale(root: str | Path) -> list[Path]:
+    """Delete the temporary folders (``.<name>.tmp-…``, ``.<name>.old-…``) that a release killed
+    while writing left under ``root``; the caller holds the release's lock, so no live process
+    owns them.  Returns what was removed."""
+    import shutil
+
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.rglob(".*") if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def folder_name(folder: Path, root: Path) -> str:

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from saescope.errors import IntegrityError
 from saescope.jsonio import read_json
 from saescope.release.arrays import RELEASED_ARRAYS, check_arrays, params_file, read_arrays, standard_names
 from saescope.release.layout import (
+    CHECKSUMS,
     CONFIG_JSON,
     GEMMA_SCOPE_REPO,
     RELEASE_TAIL,
@@ -68,6 +70,28 @@ def infer_config(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     return config
 
 
+def verify_checksums(folder: Path) -> None:
+    """Check the files a saescope release folder lists in ``SHA256SUMS`` (Gemma Scope's folders
+    have none and load unchecked); raise :class:`~saescope.errors.IntegrityError` naming the
+    first damaged or missing file."""
+    from saescope.activations.store import sha256_file
+
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        return
+    advice = ("restore the folder from a copy, or release it again (rerun the `saescope train` or `saescope run` "
+              "that wrote it: its checkpoints hold the trained SAE)")
+    for line_no, line in enumerate(sums.read_text(errors="replace").splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if not name or len(digest) != 64 or "/" in name:
+            raise IntegrityError(f"{sums}:{line_no}: not a sha256sum line; {advice}")
+        target = folder / name
+        if not target.is_file():
+            raise IntegrityError(f"release file {target} is missing; {advice}")
+        if sha256_file(target) != digest:
+            raise IntegrityError(f"release file {target} is damaged (its SHA-256 does not match {sums}); {advice}")
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load a release folder (ours or Gemma Scope's), or its params file, as an SAE in release
     form (its site, config and metrics: :func:`read_release_folder`)."""
@@ -79,6 +103,7 @@ def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
 
     file = params_file(path)
     folder = file.parent
+    verify_checksums(folder)
     arrays = standard_names(file, read_arrays(file))
     config = read_json(folder / CONFIG_JSON)
     if config is None:

@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 
 from saescope.jsonio import write_json
-from saescope.release.layout import CONFIG_JSON, PARAMS_NPZ, PARAMS_SAFETENSORS, release_folder, unique_folder
+from saescope.locks import folder_lock
+from saescope.release.layout import (
+    CHECKSUMS,
+    CONFIG_JSON,
+    PARAMS_NPZ,
+    PARAMS_SAFETENSORS,
+    release_folder,
+    remove_stale,
+    unique_folder,
+)
 from saescope.release.metrics import write_section
 from saescope.sae.base import SAE
 from saescope.sae.input_norm import InputNorm
@@ -65,6 +74,7 @@ def save_sae(sae: SAE, folder: str | Path, *, config: dict[str, Any], metrics: d
         write_json(tmp / CONFIG_JSON, full_config)
         if metrics is not None:
             write_section(tmp, "training", metrics)
+        write_checksums(tmp, (PARAMS_NPZ, PARAMS_SAFETENSORS, CONFIG_JSON))
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(folder, old)
@@ -76,6 +86,16 @@ def save_sae(sae: SAE, folder: str | Path, *, config: dict[str, Any], metrics: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_checksums(folder: Path, names) -> Path:
+    """``folder/SHA256SUMS`` in ``sha256sum``'s format (``sha256sum -c SHA256SUMS`` checks it)."""
+    from saescope.activations.store import sha256_file, write_atomic
+
+    lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in names)
+    path = folder / CHECKSUMS
+    write_atomic(path, lines.encode())
+    return path
 
 
 def export_safetensors(path: str | Path, out: str | Path) -> Path:
@@ -98,8 +118,17 @@ def release_trained(results, root: str | Path, *, model_name: str | None, recipe
     Scope's layout, named by its final average L0.  Returns the folders written and one summary
     entry per SAE (released with its folder and metrics, or stopped with its error).
     ``write_folders=False``: the summary entries only (status ``trained``; benchmarks, tests).
+    Holds the release's lock while writing (first removing what a killed release left behind).
     """
     root = Path(root)
+    if not write_folders:
+        return _release_trained(results, root, model_name, recipe, batch_size, write_folders)
+    with folder_lock(root, "release"):
+        remove_stale(root)
+        return _release_trained(results, root, model_name, recipe, batch_size, write_folders)
+
+
+def _release_trained(results, root: Path, model_name, recipe, batch_size: int, write_folders: bool):
     used: set[Path] = set()
     folders, summary = [], []
     for r in results:

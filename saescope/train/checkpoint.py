@@ -6,6 +6,8 @@ Layout under ``<out>/checkpoints/``::
                            a relaunch with anything different is refused, naming the difference
     latest.json            {"step": N, "dir": "step_000000N"} — the last *complete* checkpoint
     step_000000N/
+        manifest.json      every other file's SHA-256 and size, written last: a checkpoint whose
+                           files do not match it is damaged, and the one before it is used
         state.json         step, per-site scales C, per-SAE bookkeeping (error, tokens seen)
         <sae name>.safetensors   parameters, Adam moments and counters of one SAE
 
@@ -26,7 +28,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from saescope.jsonio import dumps, write_json
+from saescope.activations.store import sha256_file
+from saescope.errors import IntegrityError, UserError, warn
+from saescope.jsonio import dumps, read_json, write_json
+
+CHECKPOINT_MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,6 +54,7 @@ class CheckpointDir:
     def __init__(self, root: Path, keep: int = 2):
         self.root = Path(root)
         self.keep = max(1, keep)
+        self._verified: dict[Path, dict] = {}
 
     # --- run identity ------------------------------------------------------------------------
 
@@ -55,52 +62,124 @@ class CheckpointDir:
         """Record ``run`` on first launch; on a relaunch, refuse any difference, naming it."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "run.json"
-        if not path.exists():
+        try:
+            previous = read_json(path)
+        except ValueError as err:
+            raise IntegrityError(f"{err}; delete {self.root} to start this training run over") from None
+        if previous is None:
             write_json(path, run, indent=1, sort_keys=True)
             return
-        previous = json.loads(path.read_text())
         differences = describe_differences(previous, json.loads(dumps(run)))
         if differences:
-            raise ValueError(
+            raise UserError(
                 f"{self.root.parent} already holds a different training run ({'; '.join(differences)}); "
                 "use another output folder, or delete that one to start over"
             )
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def latest(self) -> tuple[int, Path] | None:
-        """``(step, folder)`` of the last complete checkpoint, or None."""
+    def _pointer(self) -> tuple[int, str] | None:
+        """What ``latest.json`` says, or None when it is missing or unreadable (then the step
+        folders themselves are searched: losing the pointer must not restart a run at step 0)."""
         pointer = self.root / "latest.json"
         if not pointer.exists():
             return None
-        info = json.loads(pointer.read_text())
-        folder = self.root / info["dir"]
-        if not (folder / "state.json").exists():
-            raise RuntimeError(f"checkpoint pointer {pointer} names {folder}, which is missing or incomplete")
-        return int(info["step"]), folder
+        try:
+            info = json.loads(pointer.read_text())
+            return int(info["step"]), str(info["dir"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            warn(f"checkpoint pointer {pointer} is unreadable; looking for the newest intact step_* folder")
+            return None
+
+    def _candidates(self) -> list[tuple[int, Path]]:
+        """Checkpoints to resume from, best first: the pointer's, then earlier ones, newest first
+        (with no pointer: every step folder, newest first)."""
+        folders = {}
+        for p in self.root.glob("step_*"):
+            if p.is_dir() and p.name[5:].isdigit():
+                folders[int(p.name[5:])] = p
+        pointer = self._pointer()
+        if pointer is None:
+            if folders:
+                warn(f"{self.root / 'latest.json'} is missing; resuming from the newest intact checkpoint")
+            return sorted(folders.items(), reverse=True)
+        step, name = pointer
+        earlier = sorted(((s, p) for s, p in folders.items() if s < step), reverse=True)
+        return [(step, self.root / name)] + earlier
+
+    def latest(self) -> tuple[int, Path] | None:
+        """``(step, folder)`` of the last complete *and intact* checkpoint, or None when there is
+        none.  A damaged newest checkpoint is skipped with a warning for the one before it (two
+        are kept); when none is intact, :class:`~saescope.errors.IntegrityError` says so."""
+        if not self.root.exists():
+            return None
+        problems = []
+        for step, folder in self._candidates():
+            try:
+                self.verify(folder)
+            except IntegrityError as err:
+                problems.append(str(err))
+                continue
+            if problems:
+                warn(f"{problems[0]}; resuming from the earlier intact checkpoint {folder.name} instead")
+            return step, folder
+        if problems:
+            raise IntegrityError(f"{problems[0]}; no intact checkpoint is left: delete {self.root} to start "
+                                 "training over")
+        return None
+
+    def verify(self, folder: Path) -> dict[str, Any]:
+        """Check every file of a checkpoint against its ``manifest.json``; return the manifest."""
+        folder = Path(folder)
+        if folder in self._verified:
+            return self._verified[folder]
+        path = folder / CHECKPOINT_MANIFEST
+        if not folder.is_dir():
+            raise IntegrityError(f"checkpoint {folder} is missing")
+        try:
+            manifest = read_json(path)
+        except ValueError as err:
+            raise IntegrityError(f"checkpoint manifest {err}") from None
+        if manifest is None or not isinstance(manifest.get("files"), dict):
+            raise IntegrityError(f"checkpoint {folder} has no valid {CHECKPOINT_MANIFEST} (it is written last: the "
+                                 "checkpoint is incomplete, or was made by an older saescope)")
+        for name, entry in sorted(manifest["files"].items()):
+            file = folder / name
+            if not file.is_file():
+                raise IntegrityError(f"checkpoint file {file} is missing")
+            if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+                raise IntegrityError(f"checkpoint file {file} is damaged (its SHA-256 does not match "
+                                     f"{path})")
+        self._verified[folder] = manifest
+        return manifest
 
     def save(self, step: int, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> Path:
-        """Write ``state`` (JSON) and one safetensors file per name in ``tensors``, atomically."""
+        """Write ``state`` (JSON) and one safetensors file per name in ``tensors``, then the
+        folder's manifest (every file's SHA-256, written last), atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step_{step:09d}"
         final = self.root / name
-        current = self.latest()
-        if current is not None and current[1] == final:
+        if self._pointer() == (step, name) and final.exists():
             return final  # already saved (a finished run relaunched): same content by construction
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        files = {}
         for sae_name, named in tensors.items():
             path = tmp / f"{sae_name}.safetensors"
             save_file(named, str(path))
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-        write_json(tmp / "state.json", {"step": step, **state}, indent=1, sort_keys=True)
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        state_path = write_json(tmp / "state.json", {"step": step, **state}, indent=1, sort_keys=True)
+        files["state.json"] = {"sha256": sha256_file(state_path), "bytes": state_path.stat().st_size}
+        write_json(tmp / CHECKPOINT_MANIFEST, {"step": step, "files": files}, indent=1, sort_keys=True)
         _fsync_dir(tmp)
         if final.exists():  # a stale folder from a run killed before its pointer moved
             shutil.rmtree(final)
         os.replace(tmp, final)
+        self._verified.pop(final, None)
         _fsync_dir(self.root)
         self._point_to(step, name)
         self._prune(keep_dir=final)
@@ -115,6 +194,8 @@ class CheckpointDir:
         pointer = self.root / "latest.json"
         if step == 0:
             pointer.unlink(missing_ok=True)
+            for folder in self.root.glob("step_*"):  # or the pointer's absence would find them again
+                shutil.rmtree(folder, ignore_errors=True)
             return
         name = f"step_{step:09d}"
         if not (self.root / name / "state.json").exists():
@@ -122,12 +203,22 @@ class CheckpointDir:
         self._point_to(step, name)
 
     def load(self, folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """The state and tensors of a checkpoint, verified against its manifest first."""
+        manifest = self.verify(folder)
         state = json.loads((folder / "state.json").read_text())
-        tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+        tensors = {}
+        for name in sorted(manifest["files"]):
+            if name.endswith(".safetensors"):
+                try:
+                    tensors[name[: -len(".safetensors")]] = load_file(str(folder / name))
+                except Exception as err:  # noqa: BLE001 -- verified bytes that still do not parse
+                    raise IntegrityError(f"checkpoint file {folder / name} cannot be read ({err}); "
+                                         f"delete {folder} to resume from the checkpoint before it") from None
         return state, tensors
 
     def remove_partial(self) -> None:
-        """Delete temporary folders left by a run killed while writing."""
+        """Delete temporary folders left by a run killed while writing (the caller holds the run's
+        lock, so no live process owns them)."""
         if self.root.exists():
             for tmp in self.root.glob(".step_*.tmp-*"):
                 shutil.rmtree(tmp, ignore_errors=True)

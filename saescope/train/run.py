@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saescope.jsonio import write_json
+from saescope.locks import folder_lock
 from saescope.release.save import release_trained
 from saescope.train.trainer import Trainer, TrainedSAE
 
@@ -17,10 +18,11 @@ def release_results(trainer: Trainer, results: list[TrainedSAE], *, folders: boo
     """Release ``results`` under ``<out>/release`` and write the run's summary (every SAE: its
     folder and metrics, or its error).  Returns the folders written (none if not ``folders``)."""
     B = trainer.recipe.batch_size
-    written, entries = release_trained(results, trainer.out_dir / "release", model_name=trainer.model_name,
-                                       recipe=trainer.recipe.to_dict(), batch_size=B, write_folders=folders)
-    write_json(trainer.out_dir / SUMMARY_JSON, {"n_steps": trainer.n_steps, "tokens": trainer.n_steps * B,
-                                                "saes": entries}, indent=1, sort_keys=True)
+    with folder_lock(trainer.out_dir, "training run"):
+        written, entries = release_trained(results, trainer.out_dir / "release", model_name=trainer.model_name,
+                                           recipe=trainer.recipe.to_dict(), batch_size=B, write_folders=folders)
+        write_json(trainer.out_dir / SUMMARY_JSON, {"n_steps": trainer.n_steps, "tokens": trainer.n_steps * B,
+                                                    "saes": entries}, indent=1, sort_keys=True)
     return written
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saescope.activations.source import BatchSource
+from saescope.activations.source import BatchSource, data_identity
+from saescope.corpora import canonical_name
+from saescope.locks import folder_lock
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sae.input_norm import InputNorm
 from saescope.sites import Site
@@ -219,6 +221,7 @@ class Trainer:
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
         self.rows_per_step = self.plan.rows_per_step(self.recipe.batch_size)
         self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
+        self.data = data_identity(source)  # of the whole data, before this rank's slice is taken
         self.source = self.plan.local_source(source)
         self.specs = list(specs)
         self.out_dir = Path(out_dir)
@@ -241,7 +244,8 @@ class Trainer:
             "n_steps": self.n_steps,
             "data_seed": self.data_seed,
             "d_in": {site.name: self.source.d_in[site] for site in self.sites},
-            "model": self.model_name,
+            "model": canonical_name(self.model_name) if isinstance(self.model_name, str) else self.model_name,
+            "data": self.data,
             **self.plan.identity,
         }
 
@@ -285,7 +289,15 @@ class Trainer:
     # --- the run -----------------------------------------------------------------------------
 
     def fit(self) -> list[TrainedSAE]:
-        """Train (resuming if possible); return every spec's :class:`TrainedSAE`, in spec order."""
+        """Train (resuming if possible); return every spec's :class:`TrainedSAE`, in spec order.
+        The process that writes holds the run folder's lock meanwhile (a second trainer on the
+        same folder is refused, naming this one's pid)."""
+        if not (self.plan.writes or self.plan.checkpoints):
+            return self._fit()
+        with folder_lock(self.out_dir, "training run"):
+            return self._fit()
+
+    def _fit(self) -> list[TrainedSAE]:
         ckpt = CheckpointDir(self.out_dir / "checkpoints", keep=self.options.keep_checkpoints)
         ckpt.check_or_write_run(self.run_identity())
         ckpt.remove_partial()
