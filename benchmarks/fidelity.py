@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[str, float, dict, str]] = {
     "cpu-decay": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5,
                                     "batch_size": 1024, "lr_decay_fraction": 0.8}, "the same with a cosine lr decay"),
 }
+#: variant + KL: the variant's released SAE, then the KL + MSE fine-tune (saescope/train/finetune.py)
+KL_SUFFIX = "+kl"
 PEERS = {  # label -> npz name pattern written by benchmarks/peers/*.py
     "sparsify TopK": "sparsify_topk_{site}.npz",
     "SAELens TopK": "saelens_topk_{site}.npz",
@@ -98,6 +100,23 @@ def load_peer(path: Path):
     return sae.eval(), float(z["seconds"]), int(z["steps"])
 
 
+def finetuned(model, corpus, site, sae, row, args):
+    """A copy of ``sae`` after the KL + MSE fine-tune; its row adds the fine-tune's tokens and time."""
+    import copy
+
+    from saescope.train.finetune import FinetuneConfig, finetune_kl
+
+    sae = copy.deepcopy(sae)
+    t0 = time.perf_counter()
+    log = finetune_kl(model, corpus, site, sae, FinetuneConfig(tokens=args.finetune_tokens, lr=args.finetune_lr,
+                                                               beta=args.finetune_beta))
+    print(f"  KL fine-tune {site}: KL {log[0]['kl']:.4f} -> {log[-1]['kl']:.4f}, "
+          f"L0 {log[0]['l0']:.1f} -> {log[-1]['l0']:.1f} over {len(log)} steps", flush=True)
+    n_tokens = int(sum(1 for _ in log))  # steps; the tokens are the config's
+    return (site, sae), {"seconds": row["seconds"] + time.perf_counter() - t0, "steps": row["steps"] + n_tokens,
+                         "tokens": row["tokens"] + args.finetune_tokens}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="store (harvested if missing) and outputs")
@@ -110,6 +129,9 @@ def main() -> None:
                    help="precision of the model's forwards in the loss metrics")
     p.add_argument("--peers", type=Path, default=None, help="folder of peer .npz files (default DATA/peers)")
     p.add_argument("--run-peers", action="store_true", help="train the peers first (needs scripts/peer-envs.sh)")
+    p.add_argument("--finetune-tokens", type=int, default=8192, help="KL fine-tune tokens of the '+kl' variants")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-beta", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,16 +149,27 @@ def main() -> None:
     model, tokenizer = load_model("gemma-3-270m")
     corpus = load_corpus("wiki-vital", tokenizer, seq_len=256, max_tokens=args.loss_tokens + 4096, split="heldout",
                          seed=0)
+    train_corpus = None
+    if any(v.endswith(KL_SUFFIX) for v in args.variants.split(",")):
+        train_corpus = load_corpus("wiki-vital", tokenizer, seq_len=256, max_tokens=args.finetune_tokens * 2,
+                                   split="train", seed=1)
     for site_name in args.sites.split(","):
         site = Site.parse(site_name)
         rows = {}
         saes = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.variants.split(","):
-                folder, seconds, steps = train_variant(store, site_name, name, args.width, args.tokens,
-                                                       Path(tmp) / name)
-                saes[name] = (site, load_sae(folder))
-                rows[name] = {"seconds": seconds, "steps": steps, "tokens": args.tokens}
+                base = name.removesuffix(KL_SUFFIX)
+                if base not in saes:
+                    folder, seconds, steps = train_variant(store, site_name, base, args.width, args.tokens,
+                                                           Path(tmp) / base)
+                    saes[base] = (site, load_sae(folder))
+                    rows[base] = {"seconds": seconds, "steps": steps, "tokens": args.tokens}
+                if name != base:
+                    saes[name], rows[name] = finetuned(model, train_corpus, site, saes[base][1], rows[base], args)
+                    print(f"{name}: fine-tuned in {rows[name]['seconds'] - rows[base]['seconds']:.0f} s", flush=True)
+            saes = {n: saes[n] for n in args.variants.split(",")}
+            rows = {n: rows[n] for n in args.variants.split(",")}
         for label, pattern in PEERS.items():
             path = peers_dir / pattern.format(site=site_name.replace("/", "."))
             if path.exists():

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from saescope.release.layout import CHECKSUMS
+from saescope.release.save import write_checksums
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: code run in the child before the CLI: each makes one fault happen where the CLI writes
@@ -195,6 +198,9 @@ def _make_world(root: Path) -> dict[str, str]:
     shutil.copytree(sae, mismatch)
     config = json.loads((mismatch / "config.json").read_text())
     (mismatch / "config.json").write_text(json.dumps({**config, "site": "layer_1/attn_z"}))
+    # a consistent folder (checksums rewritten): the mismatch, not damage, is what must be named
+    names = [line.split(maxsplit=1)[1].lstrip("*") for line in (mismatch / CHECKSUMS).read_text().splitlines()]
+    write_checksums(mismatch, names)
     bad_config = root / "bad_config" / sae.relative_to(root / "run" / "release")
     shutil.copytree(sae, bad_config)
     (bad_config / "config.json").write_text('{"site": "layer_1/resid_post", ')
