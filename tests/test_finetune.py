@@ -36,7 +36,10 @@ def test_normalised_form_and_fold_back_are_exact():
     work = _NormalisedJumpReLU(sae, norm)
     x_hat_n, f = work(norm.apply(x))
     with torch.no_grad():
-        torch.testing.assert_close(f, sae.encode(x), atol=1e-5, rtol=1e-5)
+        # the same latents, each scaled so its decoder row is unit-norm in normalised units
+        n_F = (sae.W_dec * norm.gain_D).norm(dim=1)
+        torch.testing.assert_close(f, sae.encode(x) * n_F, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(work.W_dec.norm(dim=1), torch.ones(32), atol=1e-6, rtol=0)
         torch.testing.assert_close(x_hat_n / norm.gain_D + norm.shift_D, sae(x), atol=1e-5, rtol=1e-5)
         folded = release_form_sae(D, seed=5)
         work.fold_into(folded)

@@ -70,18 +70,24 @@ class FinetuneConfig:
 
 
 class _NormalisedJumpReLU(nn.Module):
-    """A release-form JumpReLU re-expressed on x_n = (x − s) ⊙ g (exactly the same latents):
-    π = x_n·(W_enc ⊘ g) + (b_enc + s·W_enc),  x̂_n = f·(W_dec ⊙ g) + (b_dec − s) ⊙ g."""
+    """A release-form JumpReLU re-expressed on x_n = (x − s) ⊙ g, as training holds it:
+    π = x_n·(W_enc ⊘ g) + (b_enc + s·W_enc) and x̂_n = f·(W_dec ⊙ g) + (b_dec − s) ⊙ g, then
+    each latent i scaled by n_i = ‖row i of W_dec ⊙ g‖ (W_enc's column, b_enc and θ × n_i, the
+    row ÷ n_i) so the decoder rows are unit-norm in normalised units.  The same reconstruction,
+    and every parameter on training's scale: in raw units the latents of a site with massive
+    dimensions are ~100× larger and one Adam step of lr per element diverged."""
 
     def __init__(self, sae: JumpReLUSAE, norm: InputNorm):
         super().__init__()
         g, s = norm.gain_D.to(sae.W_enc), norm.shift_D.to(sae.W_enc)
         with torch.no_grad():
-            self.W_enc = nn.Parameter(sae.W_enc / g[:, None])
-            self.b_enc = nn.Parameter(sae.b_enc + s @ sae.W_enc)
-            self.W_dec = nn.Parameter(sae.W_dec * g[None, :])
+            W_dec = sae.W_dec * g[None, :]
+            n_F = W_dec.norm(dim=1).clamp_min(1e-30)
+            self.W_enc = nn.Parameter(sae.W_enc / g[:, None] * n_F[None, :])
+            self.b_enc = nn.Parameter((sae.b_enc + s @ sae.W_enc) * n_F)
+            self.W_dec = nn.Parameter(W_dec / n_F[:, None])
             self.b_dec = nn.Parameter((sae.b_dec - s) * g)
-        self.register_buffer("threshold", sae.threshold.detach().clone())
+        self.register_buffer("threshold", sae.threshold.detach() * n_F)
         self.norm = norm
 
     def forward(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
