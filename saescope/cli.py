@@ -20,7 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMANDS = ("harvest", "train", "eval", "run", "features", "browse")
+COMMANDS = ("harvest", "train", "eval", "run", "features", "browse", "export")
 PACKAGE = Path(__file__).resolve().parent
 
 

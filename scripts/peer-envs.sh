@@ -7,6 +7,7 @@
 # Idempotent: an environment that was built here and still has its package at the pinned
 # versions is left alone.  Quiet on success; on failure it prints the tail of the pip log
 # ($SAESCOPE_PEERS/<name>.install.log) and exits non-zero.  A fresh build takes ~5 min.
+# Arguments: the environments to build (default: saelens sparsify).
 # Overrides: PYTHON (base interpreter), SAELENS_VERSION, SPARSIFY_VERSION, TORCH_VERSION.
 set -euo pipefail
 
@@ -63,7 +64,15 @@ build() {
   echo "$spec" > "$stamp"
 }
 
+# arguments: which environments (default both), e.g. `bash scripts/peer-envs.sh saelens`
 status=0
-build saelens sae-lens sae_lens "$SAELENS_VERSION" || status=1
-build sparsify eai-sparsify sparsify "$SPARSIFY_VERSION" || status=1
+for name in "${@:-saelens sparsify}"; do
+  for one in $name; do
+    case $one in
+      saelens) build saelens sae-lens sae_lens "$SAELENS_VERSION" || status=1 ;;
+      sparsify) build sparsify eai-sparsify sparsify "$SPARSIFY_VERSION" || status=1 ;;
+      *) echo "peer-envs: unknown environment '$one' (saelens, sparsify)" >&2; status=2 ;;
+    esac
+  done
+done
 exit $status

@@ -70,8 +70,12 @@ def release_root(run_or_release: str | Path) -> Path:
     return path / "release" if (path / "release").is_dir() else path
 
 
+#: what marks a folder in SAELens's format (saescope/release/saelens.py reads it)
+SAELENS_MARKER = "sae_weights.safetensors"
+
+
 def is_sae_folder(path: Path) -> bool:
-    return any((path / name).is_file() for name in PARAM_FILES)
+    return any((path / name).is_file() for name in (*PARAM_FILES, SAELENS_MARKER))
 
 
 def find_sae_folders(root: str | Path) -> list[Path]:
@@ -82,7 +86,7 @@ def find_sae_folders(root: str | Path) -> list[Path]:
     if is_sae_folder(root):
         return [root]
     # a hidden folder (".average_l0_52.tmp-…" of a release killed while writing) is never an SAE
-    found = sorted({p.parent for name in PARAM_FILES for p in root.rglob(name)
+    found = sorted({p.parent for name in (*PARAM_FILES, SAELENS_MARKER) for p in root.rglob(name)
                     if not any(part.startswith(".") for part in p.relative_to(root).parts)})
     if not found:
         raise FileNotFoundError(f"no SAE under {root} (looked for {' or '.join(PARAM_FILES)})")

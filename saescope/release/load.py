@@ -2,7 +2,8 @@
 config and metrics (:func:`load_release`, the counterpart of other libraries' ``load_many``).
 
 Gemma Scope's folders (``params.npz`` only) load unchanged: their config is inferred from the
-path as SAELens does, their site from :func:`saescope.release.layout.folder_site`.
+path as SAELens does, their site from :func:`saescope.release.layout.folder_site`.  SAELens's
+folders (``cfg.json`` + ``sae_weights.safetensors``) load through :mod:`saescope.release.saelens`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def verify_checksums(folder: Path) -> None:
             raise IntegrityError(f"release file {target} is damaged (its SHA-256 does not match {sums}); {advice}")
 
 
+def params_file_or_none(path: Path) -> Path | None:
+    try:
+        return params_file(path)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load a release folder (ours or Gemma Scope's), or its params file, as an SAE in release
     form (its site, config and metrics: :func:`read_release_folder`)."""
@@ -99,8 +107,12 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
+    from saescope.release.saelens import is_saelens_folder, read_saelens
     from saescope.sae.registry import ARCHITECTURES, build_sae
 
+    if is_saelens_folder(path) and params_file_or_none(path) is None:  # SAELens's cfg.json + safetensors
+        sae, config = read_saelens(path, device)
+        return sae, config, path
     file = params_file(path)
     folder = file.parent
     verify_checksums(folder)

@@ -1,0 +1,182 @@
+"""SAELens's on-disk format, both ways.
+
+:func:`export_saelens` writes, per SAE, a folder with ``cfg.json`` and ``sae_weights.safetensors``
+that SAELens 6.x's ``SAE.load_from_disk(folder)`` loads; :func:`read_saelens` reads such a folder
+(``saescope.load_sae`` dispatches to it).  The format, as SAELens 6.54's ``save_model`` writes it:
+
+* weights ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``, ``b_dec`` (+ ``threshold``
+  for JumpReLU) — Gemma Scope's names and orientation, float32;
+* ``cfg.json``: ``architecture`` (``jumprelu``, ``topk`` with ``k``, ``standard``), ``d_in``,
+  ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input`` (subtract b_dec before the encoder:
+  False for released saescope and Gemma Scope SAEs), ``normalize_activations`` ("none": our
+  input maps are folded into the weights), ``reshape_activations`` ("hook_z" for attention
+  outputs: TransformerLens's ``hook_z`` is (…, heads, d_head), flattened in head order — the
+  order of the o_proj input saescope's ``attn_z`` site reads), and ``metadata`` (free-form:
+  ``model_name``, ``hook_name``, ``context_size``, … and saescope's own provenance).
+
+Sites map to TransformerLens hook names: ``blocks.L.hook_resid_post``, ``blocks.L.hook_mlp_out``
+(after Gemma's post-MLP norm, as TransformerLens places it), ``blocks.L.attn.hook_z``.
+BatchTopK SAEs are exported as JumpReLU, their inference code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saescope.sae.base import SAE, SAEConfig
+from saescope.sites import Site
+
+CFG_JSON = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+#: the SAELens version whose format this writes (and the version tested against)
+SAELENS_FORMAT_VERSION = "6.54.12"
+#: saescope architecture -> SAELens architecture
+TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard"}
+FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
+_HOOKS = {"resid_post": "blocks.{layer}.hook_resid_post", "mlp_out": "blocks.{layer}.hook_mlp_out",
+          "attn_z": "blocks.{layer}.attn.hook_z"}
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|attn\.hook_z)$")
+_KIND_OF_HOOK = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z"}
+
+
+def hook_name(site: Site) -> str:
+    """TransformerLens's name for ``site`` (the hook SAELens splices at)."""
+    if site.kind not in _HOOKS:
+        raise ValueError(f"site {site}: SAELens has no hook for kind {site.kind!r}")
+    return _HOOKS[site.kind].format(layer=site.layer)
+
+
+def site_of_hook(name: str) -> Site:
+    match = _HOOK_RE.match(name or "")
+    if not match:
+        raise ValueError(f"SAELens hook {name!r} is not a site saescope knows "
+                         f"(blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.attn.hook_z)")
+    return Site(int(match.group(1)), _KIND_OF_HOOK[match.group(2)])
+
+
+def is_saelens_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CFG_JSON).is_file() and (path / WEIGHTS).is_file()
+
+
+def saelens_config(sae: SAE, site: Site, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``cfg.json`` SAELens 6.x reads, for a release-form ``sae`` at ``site``."""
+    architecture = TO_SAELENS.get(sae.architecture)
+    if architecture is None:
+        raise ValueError(f"SAELens has no architecture for saescope's {sae.architecture!r}")
+    provenance = {k: v for k, v in config.items() if k not in ("recipe", "sae_config", "input_map")}
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": bool(sae.cfg.centre_input),
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if site.kind == "attn_z" else "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": config.get("model"),
+            "hook_name": hook_name(site),
+            "hook_head_index": None,
+            "context_size": config.get("seq_len"),
+            "prepend_bos": True,
+            "dataset_path": config.get("corpus"),
+            "neuronpedia_id": None,
+            "saescope": provenance,
+        },
+    }
+    if architecture == "topk":
+        cfg.update(k=int(sae.cfg.k), rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def export_folder(folder: Path, out: Path, root: Path | None = None) -> Path:
+    """One release folder as a SAELens folder ``out``; returns ``out``."""
+    from safetensors.torch import save_file
+
+    from saescope.jsonio import write_json
+    from saescope.release.load import read_release_folder
+
+    released = read_release_folder(folder, root)
+    cfg = saelens_config(released.sae, released.site, released.config)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.contiguous() for name, t in released.sae.to_arrays().items()}
+    save_file(tensors, str(out / WEIGHTS))
+    write_json(out / CFG_JSON, cfg, indent=1)
+    return out
+
+
+def export_saelens(path: str | Path, out: str | Path) -> list[Path]:
+    """Every SAE folder at or under ``path`` (a release, a run's release or one folder) as SAELens
+    folders under ``out``, named by their place in the release.  Returns the folders written."""
+    from saescope.release.layout import find_sae_folders, release_root
+
+    path = Path(path)
+    root = release_root(path) if (path / "release").is_dir() else path
+    folders = find_sae_folders(root)
+    if not folders:
+        raise FileNotFoundError(f"no SAE folder at or under {root}")
+    out = Path(out)
+    written = []
+    for folder in folders:
+        relative = folder.relative_to(root) if folder != root else Path(folder.name)
+        written.append(export_folder(folder, out / relative, root))
+    return written
+
+
+def read_saelens(folder: Path, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """A SAELens folder as a release-form saescope SAE, and a saescope-style config (with its site).
+
+    ``apply_b_dec_to_input`` is folded into b_enc (π = (x − b_dec)·W_enc + b_enc = x·W_enc +
+    (b_enc − b_dec·W_enc)), exactly; activation normalisation other than "none" is refused (it
+    needs a dataset-dependent factor the folder does not hold)."""
+    from safetensors.torch import load_file
+
+    from saescope.jsonio import read_json
+    from saescope.sae.registry import build_sae
+
+    cfg = read_json(folder / CFG_JSON)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder / CFG_JSON}: not a SAELens config")
+    architecture = FROM_SAELENS.get(cfg.get("architecture"))
+    if architecture is None:
+        raise ValueError(f"{folder / CFG_JSON}: SAELens architecture {cfg.get('architecture')!r} has no saescope "
+                         f"equivalent ({', '.join(FROM_SAELENS)} load)")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{folder / CFG_JSON}: normalize_activations={cfg['normalize_activations']!r} needs a "
+                         "scaling factor saescope cannot fold; re-save it from SAELens with the factor folded")
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{folder / WEIGHTS}: cannot read it ({err})") from None
+    needed = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
+    missing = [n for n in needed if n not in weights]
+    if missing:
+        raise ValueError(f"{folder / WEIGHTS}: missing {', '.join(missing)}")
+    W_enc = weights["W_enc"].float()
+    d_in, d_sae = W_enc.shape
+    if weights["W_dec"].shape != (d_sae, d_in):
+        raise ValueError(f"{folder / WEIGHTS}: W_dec has shape {tuple(weights['W_dec'].shape)}, expected {(d_sae, d_in)}")
+    b_enc = weights["b_enc"].float()
+    if cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc - weights["b_dec"].float() @ W_enc
+    k = cfg.get("k") if architecture == "topk" else None
+    with torch.random.fork_rng(devices=[]):
+        sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, centre_input=False,
+                                  **({"k": int(k)} if k is not None else {})))
+    arrays = {"W_enc": W_enc, "W_dec": weights["W_dec"].float(), "b_enc": b_enc, "b_dec": weights["b_dec"].float()}
+    if architecture == "jumprelu":
+        arrays["threshold"] = weights["threshold"].float()
+    sae.load_arrays(arrays)
+    metadata = cfg.get("metadata") or {}
+    config: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
+                              "model": metadata.get("model_name"), "source": "saelens", "saelens_cfg": cfg}
+    hook = metadata.get("hook_name", cfg.get("hook_name"))
+    if hook:
+        config["site"] = site_of_hook(hook).name
+    return sae.to(device), config
