@@ -101,9 +101,20 @@ def params_file_or_none(path: Path) -> Path | None:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a release folder (ours or Gemma Scope's), or its params file, as an SAE in release
-    form (its site, config and metrics: :func:`read_release_folder`)."""
-    return _load(Path(path), device)[0]
+    """Load a release folder (ours, Gemma Scope's or SAELens's), its params file, or a Hugging
+    Face ``owner/repo/path/to/folder`` (from the local cache, else downloaded), as an SAE in
+    release form (its site, config and metrics: :func:`read_release_folder`)."""
+    return _load(local_path(path), device)[0]
+
+
+def local_path(path: str | Path) -> Path:
+    """``path`` itself when it exists here; else a Hugging Face repo path resolved to its folder
+    in the local cache (:mod:`saescope.release.hub`)."""
+    from saescope.release.hub import parse_hub_spec, resolve_hub_folder
+
+    if Path(path).exists() or isinstance(path, Path) or parse_hub_spec(str(path)) is None:
+        return Path(path)
+    return resolve_hub_folder(str(path))
 
 
 def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
@@ -143,7 +154,7 @@ def read_release_folder(path: str | Path, root: str | Path | None = None, *, kin
                         device: str | torch.device = "cpu") -> ReleasedSAE:
     """One SAE folder with its site, config and metrics; ``kind`` names the site kind for
     folders whose config and path do not (``saescope eval --kind``)."""
-    sae, config, folder = _load(Path(path), device)
+    sae, config, folder = _load(local_path(path), device)
     site = folder_site(folder, config, kind)
     name = folder_name(folder, Path(root) if root is not None else folder)
     return ReleasedSAE(name, folder, site, sae, config, read_metrics(folder))
