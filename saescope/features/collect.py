@@ -32,6 +32,7 @@ from saescope.features.stats import (
     TokenIndex,
 )
 from saescope.features.store import DB_NAME, FeatureWriter
+from saescope.features.token_text import token_bytes
 from saescope.locks import folder_lock
 from saescope.sites import Site, capture, check_sae_fits
 
@@ -248,7 +249,7 @@ def _collect(model, tokenizer, corpus, saes, out_dir: Path, cfg: FeatureConfig) 
                 writer, name, site, sae, collectors[name], lens, corpus, n_tokens, rel, cfg
             )
         writer.add_sequences(corpus.input_ids)
-        writer.add_vocab(lambda ids: [tokenizer.decode([i]) for i in ids])
+        writer.add_vocab(lambda ids: [tokenizer.decode([i]) for i in ids], lambda ids: token_bytes(tokenizer, ids))
         timings["write_s"] = time.perf_counter() - t1 - timings["logits_s"]
         writer.set_meta(
             format_version=1, model=cfg.model_name, corpus=corpus.name, n_tokens=n_tokens, seq_len=T,

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saescope.features.store import FeatureStore
+from saescope.features.token_text import display_texts, token_bytes
 
 STATIC = Path(__file__).parent / "static"
 LIVE_MAX_TOKENS = 256
@@ -92,7 +93,7 @@ class LiveModel:
                 f_TF = sae.encode(x_TD.to(sae.W_enc.dtype)).float()
             vals, lats = f_TF.topk(min(top, f_TF.shape[1]), dim=1)
             id_list = ids[0].tolist()
-            texts = [tokenizer.decode([i]) for i in id_list]
+            texts = display_texts([tokenizer.decode([i]) for i in id_list], token_bytes(tokenizer, id_list))
         tokens = []
         for t, (v_K, l_K) in enumerate(zip(vals.cpu().tolist(), lats.cpu().tolist())):
             tokens.append({

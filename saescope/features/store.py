@@ -36,6 +36,10 @@ top_logits, bottom_logits)``, primary key (sae, latent)
     For each corpus token id, the latents with the largest activation on it (rank 0 first).
 ``vocab(token INTEGER PRIMARY KEY, text TEXT)``
     The decoded text of every token id the other tables mention.
+``vocab_bytes(token INTEGER PRIMARY KEY, bytes BLOB)``
+    The bytes each of those tokens stands for (NULL where the tokenizer does not tell): the
+    browser joins byte-level tokens into the characters they spell
+    (:mod:`saescope.features.token_text`).  Absent in databases written before it.
 
 The file is written under a temporary name and renamed into place when complete, beside
 ``features.sqlite.sha256`` (``sha256sum`` format): :class:`FeatureStore` checks it on opening, so
@@ -55,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from saescope.errors import IntegrityError
+from saescope.features.token_text import display_texts
 
 FORMAT_VERSION = 1
 DB_NAME = "features.sqlite"
@@ -74,6 +79,7 @@ CREATE TABLE token_latents (sae INTEGER, token INTEGER, rank INTEGER, latent INT
                             PRIMARY KEY (sae, token, rank)) WITHOUT ROWID;
 CREATE TABLE sequences (seq INTEGER PRIMARY KEY, tokens BLOB);
 CREATE TABLE vocab (token INTEGER PRIMARY KEY, text TEXT);
+CREATE TABLE vocab_bytes (token INTEGER PRIMARY KEY, bytes BLOB);
 """
 
 
@@ -131,10 +137,13 @@ class FeatureWriter:
             self.token_ids.update(int(t) for t in input_ids[s])
         self.db.executemany("INSERT OR REPLACE INTO sequences VALUES (?, ?)", rows)
 
-    def add_vocab(self, decode) -> None:
-        """Store ``decode(token_id) -> str`` for every token id written so far."""
+    def add_vocab(self, decode, raw=None) -> None:
+        """Store ``decode(token_ids) -> [str]`` for every token id written so far, and, given
+        ``raw(token_ids) -> [bytes | None]``, the bytes each token stands for."""
         ids = sorted(self.token_ids)
         self.db.executemany("INSERT OR REPLACE INTO vocab VALUES (?, ?)", zip(ids, decode(ids)))
+        if raw is not None:
+            self.db.executemany("INSERT OR REPLACE INTO vocab_bytes VALUES (?, ?)", zip(ids, raw(ids)))
 
     def close(self) -> Path:
         self.db.execute("CREATE INDEX vocab_by_text ON vocab (text)")
@@ -216,14 +225,21 @@ class FeatureStore:
                 return row
         raise KeyError(f"no SAE with id {sae}")
 
-    def text(self, db: sqlite3.Connection, ids: Iterable[int]) -> dict[int, str]:
+    def text(self, db: sqlite3.Connection, ids: Iterable[int], table: str = "vocab") -> dict[int, str]:
         ids = sorted({int(i) for i in ids})
-        found: dict[int, str] = {}
+        found: dict = {}
+        column = "bytes" if table == "vocab_bytes" else "text"
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
-            q = f"SELECT token, text FROM vocab WHERE token IN ({','.join('?' * len(part))})"
+            q = f"SELECT token, {column} FROM {table} WHERE token IN ({','.join('?' * len(part))})"
             found.update(db.execute(q, part).fetchall())
         return found
+
+    def token_bytes(self, db: sqlite3.Connection, ids: Iterable[int]) -> dict[int, bytes | None]:
+        """Each token's bytes ({} for databases written before ``vocab_bytes`` existed)."""
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='vocab_bytes'").fetchone():
+            return {}
+        return self.text(db, ids, "vocab_bytes")
 
     def latent(self, sae: int, latent: int) -> dict | None:
         """A latent's card: statistics, histogram, logit effects and contexts with their text."""
@@ -250,8 +266,10 @@ class FeatureStore:
             ]
             ids = [t for t, _ in top + bottom] + [t for c in contexts for t in c["tokens"]]
             text = self.text(db, ids)
+            raw = self.token_bytes(db, ids)
         for c in contexts:
-            c["text"] = [text.get(t, f"<{t}>") for t in c.pop("tokens")]
+            tokens = c.pop("tokens")
+            c["text"] = display_texts([text.get(t, f"<{t}>") for t in tokens], [raw.get(t) for t in tokens])
         card = {k: row[k] for k in ("sae", "latent", "n_fired", "frequency", "max_act", "mean_act", "hist_max")}
         card["histogram"] = json.loads(row["histogram"])
         card["top_logits"] = [[text.get(t, f"<{t}>"), v] for t, v in top]
