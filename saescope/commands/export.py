@@ -1,11 +1,17 @@
-"""``saescope export``: write released SAEs in another library's format.
+"""``saescope export``: write released SAEs, or their feature data, in another tool's format.
 
-    saescope export --format saelens RUN/release OUT     # one SAELens folder per SAE
+    saescope export --format saelens RUN/release OUT       # one SAELens folder per SAE
+    saescope export --format neuronpedia RUN OUT           # Neuronpedia feature batches per SAE
 
 ``saelens``: per SAE, ``cfg.json`` + ``sae_weights.safetensors`` that SAELens 6.x's
 ``SAE.load_from_disk(folder)`` loads (JumpReLU, TopK and ReLU SAEs as its jumprelu, topk and
 standard architectures; TransformerLens hook names; saescope's provenance in its metadata).
 The folders keep the release's layout under OUT, and ``saescope.load_sae`` reads them back.
+
+``neuronpedia``: from the feature database ``saescope features`` wrote (RUN, RUN/features or the
+.sqlite file), per SAE a folder of ``batch-<i>.json`` files in the layout SAE-Dashboard's
+Neuronpedia exporter writes: top and per-octave activation examples, activation and logit
+histograms, top and bottom logit tokens, firing fraction (saescope/features/neuronpedia.py).
 """
 
 from __future__ import annotations
@@ -13,26 +19,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMATS = ("saelens",)
+from saescope.commands import positive_int
+
+FORMATS = ("saelens", "neuronpedia")
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write released SAEs in another library's format (SAELens)",
+    p = subparsers.add_parser("export", help="write released SAEs (SAELens) or feature data (Neuronpedia) for other tools",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("release", type=Path, help="a run folder, its release folder, or one SAE folder")
+    p.add_argument("source", type=Path, help="saelens: a run, its release or one SAE folder; "
+                                             "neuronpedia: a run, its features folder or features.sqlite")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--format", choices=FORMATS, default="saelens", help="target format (default saelens)")
+    p.add_argument("--sae", action="append", default=None, metavar="NAME",
+                   help="neuronpedia: only this SAE (its path under the release, e.g. "
+                        "resid_post/layer_6/width_2k/average_l0_97); repeat for several")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="neuronpedia: features per batch file")
+    p.add_argument("--no-logit-histograms", action="store_true",
+                   help="neuronpedia: leave the logit histograms empty (no model is loaded)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from saescope.outputs import writable_folder
 
-    if not args.release.exists():
-        raise FileNotFoundError(f"{args.release} does not exist: give a run folder, RUN/release or one SAE folder")
+    if not args.source.exists():
+        raise FileNotFoundError(f"{args.source} does not exist")
     writable_folder(args.out, "OUT")
-    from saescope.release.saelens import export_saelens
+    if args.format == "saelens":
+        from saescope.release.saelens import export_saelens
 
-    written = export_saelens(args.release, args.out)
-    print(f"wrote {len(written)} SAELens folder(s) under {args.out}")
+        written = export_saelens(args.source, args.out)
+        print(f"wrote {len(written)} SAELens folder(s) under {args.out}")
+        return 0
+    from saescope.features.neuronpedia import NeuronpediaConfig, export_neuronpedia
+
+    cfg = NeuronpediaConfig(batch_size=args.batch_size, logit_bins=0 if args.no_logit_histograms else 40)
+    written = export_neuronpedia(args.source, args.out, cfg, sae_names=args.sae)
+    print(f"wrote {len(written)} Neuronpedia batch file(s) under {args.out}")
     return 0

@@ -241,8 +241,10 @@ class FeatureStore:
             return {}
         return self.text(db, ids, "vocab_bytes")
 
-    def latent(self, sae: int, latent: int) -> dict | None:
-        """A latent's card: statistics, histogram, logit effects and contexts with their text."""
+    def latent(self, sae: int, latent: int, raw_tokens: bool = False) -> dict | None:
+        """A latent's card: statistics, histogram, logit effects and contexts with their text
+        (byte-level tokens joined for display; ``raw_tokens`` adds ``tokens_raw``, each token's
+        own text, for exports)."""
         with self._connect() as db:
             row = db.execute("SELECT * FROM latents WHERE sae=? AND latent=?", (sae, latent)).fetchone()
             if row is None:
@@ -269,7 +271,10 @@ class FeatureStore:
             raw = self.token_bytes(db, ids)
         for c in contexts:
             tokens = c.pop("tokens")
-            c["text"] = display_texts([text.get(t, f"<{t}>") for t in tokens], [raw.get(t) for t in tokens])
+            own = [text.get(t, f"<{t}>") for t in tokens]
+            c["text"] = display_texts(own, [raw.get(t) for t in tokens])
+            if raw_tokens:
+                c["tokens_raw"] = own
         card = {k: row[k] for k in ("sae", "latent", "n_fired", "frequency", "max_act", "mean_act", "hist_max")}
         card["histogram"] = json.loads(row["histogram"])
         card["top_logits"] = [[text.get(t, f"<{t}>"), v] for t, v in top]
