@@ -1,11 +1,10 @@
 """Neuronpedia export: the field lists SAE-Dashboard's exporter writes, filled from the feature database.
 
 The field names are those of ``NeuronpediaDashboardBatch.to_dict``, ``NeuronpediaDashboardFeature.to_dict``
-and ``NeuronpediaDashboardActivation.to_dict`` in SAE-Dashboard's
-``sae_dashboard/neuronpedia/neuronpedia_dashboard.py`` (read at commit 03a615f); the top group's
-bin marks (−1, max, −1) are ``NeuronpediaConverter._parse_sequence_group_title``'s in
-``neuronpedia_converter.py``.  SAE-Dashboard itself is not installed here (it pins TransformerLens
-and SAELens versions of its own); this test checks the layout against that source.
+and ``NeuronpediaDashboardActivation.to_dict`` in SAE-Dashboard 0.8.0's
+``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``; the top group's bin marks (−1, max, −1)
+are ``NeuronpediaConverter._parse_sequence_group_title``'s in ``neuronpedia_converter.py``.  The
+last test loads every batch with that module's own classes.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ SAE_DASHBOARD_FEATURE_KEYS = {
     "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson", "neg_str",
     "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values",
     "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
-    "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations",
+    "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations", "vector",
 }
 
 
@@ -97,3 +96,38 @@ def test_cli_refuses_unknown_sae_names(exported, tmp_path):
     assert main(["export", "--format", "neuronpedia", str(root), str(tmp_path / "y"), "--no-logit-histograms",
                  "--sae", "attn_z/layer_1/width_64/average_l0_9"]) == 0
     assert len(list((tmp_path / "y" / "attn_z" / "layer_1" / "width_64" / "average_l0_9").glob("batch-*.json"))) == 1
+
+
+def _sae_dashboard_module():
+    """SAE-Dashboard's own ``neuronpedia_dashboard.py`` (it needs only numpy), read from its wheel:
+    the package itself pins transformers < 4.57 and TransformerLens, which do not install beside
+    this project's, so .ci/run downloads the wheel (no dependencies) and this test imports that one file."""
+    import os
+    import types
+    import zipfile
+    from pathlib import Path
+
+    wheels = sorted((Path(os.environ.get("SAESCOPE_PEERS", "/work/peers")) / "wheels").glob("sae_dashboard-*.whl"))
+    if not wheels:
+        if os.environ.get("CI"):
+            pytest.fail("no sae_dashboard wheel: .ci/run downloads it into $SAESCOPE_PEERS/wheels")
+        pytest.skip("no sae_dashboard wheel in $SAESCOPE_PEERS/wheels (pip download --no-deps sae-dashboard==0.8.0)")
+    with zipfile.ZipFile(wheels[-1]) as whl:
+        source = whl.read("sae_dashboard/neuronpedia/neuronpedia_dashboard.py").decode()
+    module = types.ModuleType("neuronpedia_dashboard")
+    exec(compile(source, f"{wheels[-1].name}/sae_dashboard/neuronpedia/neuronpedia_dashboard.py", "exec"),
+         module.__dict__)
+    return module
+
+
+def test_sae_dashboards_own_classes_load_the_batches(exported):
+    """NeuronpediaDashboardBatch(**batch).to_dict() gives back exactly what was written."""
+    module = _sae_dashboard_module()
+    _, _, written, _ = exported
+    for path in written:
+        batch = json.loads(path.read_text())
+        parsed = module.NeuronpediaDashboardBatch(**batch)
+        assert parsed.to_dict() == batch  # every field theirs, none lost or added
+        # (their Batch.__eq__ reads a missing attribute, other.sae, so features are compared one by one)
+        again = module.NeuronpediaDashboardBatch(**json.loads(path.read_text()))
+        assert all(a == b for a, b in zip(parsed.features, again.features))

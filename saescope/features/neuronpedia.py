@@ -1,8 +1,8 @@
 """Neuronpedia's feature-dashboard JSON, written from the feature database ``saescope features`` made.
 
 Neuronpedia imports batches of features as SAE-Dashboard's exporter writes them
-(``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``: ``NeuronpediaDashboardBatch`` →
-``{model_id, layer, sae_set, features}``, each feature a ``NeuronpediaDashboardFeature.to_dict()``
+(sae-dashboard 0.8.0, ``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``:
+``NeuronpediaDashboardBatch`` → ``{model_id, layer, sae_set, features, sae_id_suffix}``, each feature a ``NeuronpediaDashboardFeature.to_dict()``
 and each activation example a ``NeuronpediaDashboardActivation.to_dict()``).  One folder per SAE
 under the output, ``batch-<i>.json`` files of ``batch_size`` features each.  What each field holds:
 
@@ -10,12 +10,14 @@ under the output, ``batch-<i>.json`` files of ``batch_size`` features each.  Wha
 * ``activations``: the top examples (``bin_min`` −1, ``bin_max`` the latent's max, ``bin_contains``
   −1, as SAE-Dashboard marks its top group) and the per-octave samples (``bin_min``/``bin_max`` the
   octave's range, ``bin_contains`` the share of firing events in it), each with its ``tokens`` (one
-  string per token, as the tokenizer decodes it alone) and ``values`` (the latent's activation on
-  each);
+  string per token, as the tokenizer decodes it alone), ``values`` (the latent's activation on
+  each) and ``qualifying_token_index`` (the token the example was chosen for);
 * ``freq_hist_data_bar_values``/``_heights``: the activation histogram (bin centres, counts);
 * ``pos_str``/``pos_values``, ``neg_str``/``neg_values``: the direct logit effect's top and bottom
   tokens; ``logits_hist_data_bar_values``/``_heights``: the histogram of the effect over the
   vocabulary, from a strided sample of it (every ``logit_stride``-th token; the model is needed);
+* ``vector``: the latent's decoder row (raw units), when the decoder was read (with the logit
+  histograms);
 * neuron-alignment and correlation tables are left empty (saescope does not compute them).
 """
 
@@ -37,10 +39,10 @@ FEATURE_FIELDS = (
     "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson",
     "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values",
     "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
-    "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations",
+    "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations", "vector",
 )
-ACTIVATION_FIELDS = ("bin_min", "bin_max", "bin_contains", "tokens", "values")
-BATCH_FIELDS = ("model_id", "layer", "sae_set", "features")
+ACTIVATION_FIELDS = ("bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index")
+BATCH_FIELDS = ("model_id", "layer", "sae_set", "features", "sae_id_suffix")
 
 
 @dataclass
@@ -77,7 +79,7 @@ def _octave_range(card: dict, j: int) -> tuple[float, float, float]:
     return lo, hi, float(inside / counts.sum()) if counts.sum() else 0.0
 
 
-def feature_json(card: dict, meta: dict, logits_hist) -> dict:
+def feature_json(card: dict, meta: dict, logits_hist, vector=None) -> dict:
     """One latent's card from :meth:`FeatureStore.latent` in Neuronpedia's feature layout."""
     activations = []
     for c in card["contexts"]:
@@ -86,7 +88,8 @@ def feature_json(card: dict, meta: dict, logits_hist) -> dict:
         else:
             bin_min, bin_max, contains = _octave_range(card, int(c["kind"][1:]))
         activations.append({"bin_min": bin_min, "bin_max": bin_max, "bin_contains": contains,
-                            "tokens": list(c["tokens_raw"]), "values": _round(c["acts"])})
+                            "tokens": list(c["tokens_raw"]), "values": _round(c["acts"]),
+                            "qualifying_token_index": int(c["focus"])})
     bar_values, bar_heights = _activation_histogram(card)
     logit_values, logit_heights = logits_hist if logits_hist is not None else ([], [])
     seq_len = int(meta.get("seq_len") or 0)
@@ -105,6 +108,7 @@ def feature_json(card: dict, meta: dict, logits_hist) -> dict:
         "dataset": str(meta.get("corpus") or ""),
         "decoder_weights_dist": [],
         "activations": activations,
+        "vector": _round(vector) if vector is not None else [],
     }
 
 
@@ -155,7 +159,7 @@ def export_neuronpedia(features: str | Path, out: str | Path, cfg: NeuronpediaCo
         model = load_model(meta["model"])[0]
     written = []
     for sae in saes:
-        histograms = None
+        histograms, W_dec = None, None
         if cfg.logit_bins:
             if saes_by_name and sae["name"] in saes_by_name:
                 W_dec = saes_by_name[sae["name"]].W_dec
@@ -174,10 +178,11 @@ def export_neuronpedia(features: str | Path, out: str | Path, cfg: NeuronpediaCo
             if card is not None:
                 if len(batches[-1]) == cfg.batch_size:
                     batches.append([])
-                batches[-1].append(feature_json(card, meta, histograms[latent] if histograms else None))
+                batches[-1].append(feature_json(card, meta, histograms[latent] if histograms else None,
+                                                W_dec[latent].tolist() if W_dec is not None else None))
         for i, features_out in enumerate(b for b in batches if b):
             path = folder / f"batch-{i}.json"
             write_json(path, {"model_id": cfg.model_id or meta["model"], "layer": int(sae["layer"]),
-                              "sae_set": set_name, "features": features_out})
+                              "sae_set": set_name, "features": features_out, "sae_id_suffix": None})
             written.append(path)
     return written
