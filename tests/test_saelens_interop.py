@@ -15,7 +15,8 @@ import torch
 
 import saescope
 from saescope.cli import main
-from saescope.release.saelens import WEIGHTS, export_saelens, hook_name, read_saelens, site_of_hook
+from saescope.release.export import export_saelens
+from saescope.release.saelens import WEIGHTS, hook_name, read_saelens, site_of_hook
 from saescope.release.save import save_sae
 from saescope.sae.base import SAEConfig
 from saescope.sae.registry import build_sae

@@ -47,7 +47,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"{args.source} does not exist")
     writable_folder(args.out, "OUT")
     if args.format == "saelens":
-        from saescope.release.saelens import export_saelens
+        from saescope.release.export import export_saelens
 
         written = export_saelens(args.source, args.out)
         print(f"wrote {len(written)} SAELens folder(s) under {args.out}")

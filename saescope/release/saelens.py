@@ -1,8 +1,9 @@
 """SAELens's on-disk format, both ways.
 
-:func:`export_saelens` writes, per SAE, a folder with ``cfg.json`` and ``sae_weights.safetensors``
-that SAELens 6.x's ``SAE.load_from_disk(folder)`` loads; :func:`read_saelens` reads such a folder
-(``saescope.load_sae`` dispatches to it).  The format, as SAELens 6.54's ``save_model`` writes it:
+:func:`saelens_config` is the ``cfg.json`` of an export (written by
+:func:`saescope.release.export.export_saelens`: per SAE, ``cfg.json`` and
+``sae_weights.safetensors`` that SAELens 6.x's ``SAE.load_from_disk(folder)`` loads);
+:func:`read_saelens` reads such a folder (``saescope.load_sae`` dispatches to it).  The format, as SAELens 6.54's ``save_model`` writes it:
 
 * weights ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``, ``b_dec`` (+ ``threshold``
   for JumpReLU) — Gemma Scope's names and orientation, float32;
@@ -93,40 +94,6 @@ def saelens_config(sae: SAE, site: Site, config: dict[str, Any]) -> dict[str, An
     if architecture == "topk":
         cfg.update(k=int(sae.cfg.k), rescale_acts_by_decoder_norm=False)
     return cfg
-
-
-def export_folder(folder: Path, out: Path, root: Path | None = None) -> Path:
-    """One release folder as a SAELens folder ``out``; returns ``out``."""
-    from safetensors.torch import save_file
-
-    from saescope.jsonio import write_json
-    from saescope.release.load import read_release_folder
-
-    released = read_release_folder(folder, root)
-    cfg = saelens_config(released.sae, released.site, released.config)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in released.sae.to_arrays().items()}
-    save_file(tensors, str(out / WEIGHTS))
-    write_json(out / CFG_JSON, cfg, indent=1)
-    return out
-
-
-def export_saelens(path: str | Path, out: str | Path) -> list[Path]:
-    """Every SAE folder at or under ``path`` (a release, a run's release or one folder) as SAELens
-    folders under ``out``, named by their place in the release.  Returns the folders written."""
-    from saescope.release.layout import find_sae_folders, release_root
-
-    path = Path(path)
-    root = release_root(path) if (path / "release").is_dir() else path
-    folders = find_sae_folders(root)
-    if not folders:
-        raise FileNotFoundError(f"no SAE folder at or under {root}")
-    out = Path(out)
-    written = []
-    for folder in folders:
-        relative = folder.relative_to(root) if folder != root else Path(folder.name)
-        written.append(export_folder(folder, out / relative, root))
-    return written
 
 
 def read_saelens(folder: Path, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
