@@ -55,7 +55,7 @@ class RunState:
                                 "use another --out or the same settings")
             self.data["data"] = previous.get("data", {})
             self.data["stages"] = previous.get("stages", {})
-        if previous != self.data:  # a finished run relaunched changes nothing
+        if previous != _as_json(self.data):  # a finished run relaunched changes nothing (tuples read back as lists)
             write_json(self.path, self.data)
 
     def done(self, stage: str) -> bool:
@@ -75,6 +75,15 @@ class RunState:
     def finish(self, stage: str, seconds: float, **info) -> None:
         self.data["stages"][stage] = {"seconds": round(seconds, 1), **info}
         write_json(self.path, self.data)
+
+
+def _as_json(value):
+    """``value`` as JSON reads it back: tuples become lists."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    return value
 
 
 def _norm(value):
