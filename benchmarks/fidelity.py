@@ -112,8 +112,7 @@ def finetuned(model, corpus, site, sae, row, args):
                                                                beta=args.finetune_beta))
     print(f"  KL fine-tune {site}: KL {log[0]['kl']:.4f} -> {log[-1]['kl']:.4f}, "
           f"L0 {log[0]['l0']:.1f} -> {log[-1]['l0']:.1f} over {len(log)} steps", flush=True)
-    n_tokens = int(sum(1 for _ in log))  # steps; the tokens are the config's
-    return (site, sae), {"seconds": row["seconds"] + time.perf_counter() - t0, "steps": row["steps"] + n_tokens,
+    return (site, sae), {"seconds": row["seconds"] + time.perf_counter() - t0, "steps": row["steps"] + len(log),
                          "tokens": row["tokens"] + args.finetune_tokens}
 
 
