@@ -6,11 +6,17 @@ Maths (Gemma Scope / Rajamanoharan et al. 2024; shapes B batch, D d_in, F d_sae)
     f = π · H(π − θ)                           # JumpReLU
     x̂ = f·W_dec + b_dec
     l0 = (1/B) Σ_b Σ_i H(π_bi − θ_i)
+    l0_b = Σ_i H(π_bi − θ_i)                   # per token (``counts=True``)
+    c_i  = Σ_b H(π_bi − θ_i)                   # per latent (``counts=True``)
 
 Backward, rectangle kernel K(u) = 1[−½ < u < ½], bandwidth ε (pseudo-derivatives):
 
 * ∂f/∂π = H(π − θ);  ∂l0/∂π = 0 (no straight-through gradient reaches π from the L0 term);
 * ∂f/∂θ = −(θ/ε)·K((π − θ)/ε);  ∂H(π − θ)/∂θ = −(1/ε)·K((π − θ)/ε), summed over the batch.
+* so for any penalty G(l0_b, c_i) built from the counts (Gemma Scope 2's per-token quadratic
+  around a target L0, a penalty on frequent latents):
+  ∂G/∂θ_i = −(1/ε)·[Σ_b ∂G/∂l0_b·K((π_bi − θ_i)/ε) + ∂G/∂c_i·Σ_b K((π_bi − θ_i)/ε)].
+  Only the (token, latent) pairs inside θ's window enter, which the step keeps as indices anyway.
 
 Why one Function instead of autograd over small ops: autograd would keep π, the mask, f, the
 kernel and several products as separate B×F tensors, and compute a sixth matrix product (the
@@ -70,9 +76,15 @@ def jumprelu_step(
     bandwidth: float,
     centre_input: bool = True,
     path: str = "auto",
+    counts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(x_hat_BD, l0, fired_F)``: the reconstruction, the L0 term (mean active latents
-    per token, differentiable w.r.t. θ only), and per-latent firing counts (int64, no grad)."""
+    per token, differentiable w.r.t. θ only), and per-latent firing counts (int64, no grad).
+
+    ``counts=True`` returns ``(x_hat_BD, l0_B, fired_F)`` instead, with both counts float32 and
+    differentiable w.r.t. θ by the pseudo-derivative: ``l0_B`` (B,) the active latents of each
+    token, ``fired_F`` (F,) the tokens each latent fires on (what per-token and per-latent
+    penalties need; ``l0_B.mean()`` is the plain L0 term, with the same gradient)."""
     if path not in PATHS:
         raise ValueError(f"unknown JumpReLU step path {path!r}; use one of {', '.join(PATHS)}")
     if x_BD.ndim != 2 or x_BD.shape[1] != W_enc_DF.shape[0]:
@@ -83,10 +95,11 @@ def jumprelu_step(
         dtype = torch.get_autocast_dtype(device_type)
         low_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
     with torch.autocast(device_type, enabled=False):
-        return _JumpReLUStep.apply(
+        x_hat_BD, l0, fired_F, l0_B, counts_F = _JumpReLUStep.apply(
             x_BD.float(), W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F,
             float(bandwidth), bool(centre_input), path, low_dtype,
         )
+    return (x_hat_BD, l0_B, counts_F) if counts else (x_hat_BD, l0, fired_F)
 
 
 class _JumpReLUStep(torch.autograd.Function):
@@ -121,19 +134,21 @@ class _JumpReLUStep(torch.autograd.Function):
         ctx.save_for_backward(x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F)
         if sparse:
             low_bias_F = bias_F if low_dtype is not None else None  # 16-bit scores lack the bias
-            x_hat_BD, fired_F = _sparse_forward(ctx, scores_BF, window_BF, low_bias_F, W_dec_FD, b_dec_D, threshold_F, half)
+            x_hat_BD, fired_F, l0_B = _sparse_forward(ctx, scores_BF, window_BF, low_bias_F, W_dec_FD, b_dec_D,
+                                                      threshold_F, half)
             lease.release()  # everything the backward needs is in compact index form now
         else:
             if low_dtype is not None:  # π in fp32
                 scores_BF = lease.get("pre", (B, F), torch.float32, device).copy_(scores_BF).add_(bias_F)
-            x_hat_BD, fired_F = _dense_forward(ctx, lease, scores_BF, window_BF, W_dec_FD, b_dec_D, threshold_F, half, low)
+            x_hat_BD, fired_F, l0_B = _dense_forward(ctx, lease, scores_BF, window_BF, W_dec_FD, b_dec_D, threshold_F,
+                                                     half, low)
             ctx.lease = lease
         ctx.mark_non_differentiable(fired_F)
         l0 = fired_F.sum().to(torch.float32) / B
-        return x_hat_BD, l0, fired_F
+        return x_hat_BD, l0, fired_F, l0_B, fired_F.to(torch.float32)
 
     @staticmethod
-    def backward(ctx, grad_x_hat_BD, grad_l0, _grad_fired):
+    def backward(ctx, grad_x_hat_BD, grad_l0, _grad_fired, grad_l0_B, grad_counts_F):
         x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F = ctx.saved_tensors
         B, F = x_BD.shape[0], W_enc_DF.shape[1]
         if grad_x_hat_BD is None:
@@ -145,10 +160,14 @@ class _JumpReLUStep(torch.autograd.Function):
             else:
                 grads = _dense_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, B, F)
                 ctx.lease.release()
-        grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F = grads
+        grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F, near_rows, near_cols = grads
 
         eps = ctx.bandwidth
         grad_threshold_F = -(threshold_F / eps) * near_grad_f_F - (grad_l0 / (eps * B)) * near_count_F
+        if grad_counts_F is not None:  # ∂c_i/∂θ_i = −(1/ε)·(tokens in θ_i's window)
+            grad_threshold_F = grad_threshold_F - grad_counts_F * near_count_F / eps
+        if grad_l0_B is not None:  # ∂l0_b/∂θ_i = −(1/ε)·K((π_bi − θ_i)/ε): the window's own tokens
+            grad_threshold_F = grad_threshold_F.index_add(0, near_cols, grad_l0_B[near_rows], alpha=-1 / eps)
         grad_b_dec_D = grad_x_hat_BD.sum(0)
         if ctx.centre_input:  # π's bias is b_enc − b_dec·W_enc
             grad_b_dec_D = grad_b_dec_D - W_enc_DF @ grad_bias_F
@@ -169,6 +188,7 @@ def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F
     ctx.near_rows, ctx.near_cols = torch.lt(scratch_BF, half, out=window_BF).nonzero(as_tuple=True)
     active_BF = torch.gt(pre_BF, threshold_F, out=lease.get("active", (B, F), torch.float32, device))  # 0/1
     fired_F = active_BF.sum(0).to(torch.int64)
+    l0_B = active_BF.sum(1)
     f_BF = pre_BF.mul_(active_BF)
     if ctx.low_dtype is None:
         x_hat_BD = torch.addmm(b_dec_D, f_BF, W_dec_FD)
@@ -177,7 +197,7 @@ def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F
         low["W_dec"] = W_dec_FD.to(ctx.low_dtype)
         x_hat_BD = torch.addmm(b_dec_D.to(ctx.low_dtype), f_low_BF, low["W_dec"]).float()
     ctx.low = low
-    return x_hat_BD, fired_F
+    return x_hat_BD, fired_F, l0_B
 
 
 def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
@@ -214,7 +234,7 @@ def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
         grad_bias_F = grad_pre_BF.sum(0)
     if need_x:
         grad_x_BD = grad_pre_BF @ W_enc_DF.T if low_dtype is None else (low_BF @ low["W_enc"].T).float()
-    return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F
+    return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F, ctx.near_rows, ctx.near_cols
 
 
 # --- sparse path --------------------------------------------------------------------------------
@@ -248,7 +268,7 @@ def _sparse_forward(ctx, scores_BF, window_BF, low_bias_F, W_dec_FD, b_dec_D, th
     (ctx.near_idx,) = near_S.nonzero(as_tuple=True)
     ctx.rows, ctx.cols, ctx.active_idx = rows, cols, active_idx
     ctx.a_rows, ctx.a_cols, ctx.a_vals = a_rows, a_cols, a_vals
-    return x_hat_BD, torch.bincount(a_cols, minlength=F)
+    return x_hat_BD, torch.bincount(a_cols, minlength=F), torch.bincount(a_rows, minlength=B).to(torch.float32)
 
 
 def _sampled_grad_f(g_BD, W_dec_FD, rows, cols, B, F):
@@ -263,7 +283,7 @@ def _sampled_grad_f(g_BD, W_dec_FD, rows, cols, B, F):
 def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
     B = x_BD.shape[0]
     grad_f_S = _sampled_grad_f(g_BD, W_dec_FD, ctx.rows, ctx.cols, B, F)
-    near_cols = ctx.cols[ctx.near_idx]
+    near_rows, near_cols = ctx.rows[ctx.near_idx], ctx.cols[ctx.near_idx]
     near_grad_f_F = torch.zeros(F, device=g_BD.device).index_add_(0, near_cols, grad_f_S[ctx.near_idx])
     near_count_F = torch.bincount(near_cols, minlength=F).to(torch.float32)
 
@@ -288,4 +308,4 @@ def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
         grad_x_BD = nnf.embedding_bag(
             a_cols, W_enc_DF.T.contiguous(), _offsets(a_rows, B), mode="sum", per_sample_weights=grad_pre_A
         )
-    return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F
+    return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F, near_rows, near_cols

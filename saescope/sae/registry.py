@@ -7,6 +7,8 @@ from __future__ import annotations
 from saescope.sae.base import CONFIG_CLASSES, SAE, SAEConfig
 from saescope.sae.batchtopk import BatchTopKSAE
 from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saescope.sae.matryoshka_batchtopk import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE
+from saescope.sae.matryoshka_jumprelu import MatryoshkaJumpReLUConfig, MatryoshkaJumpReLUSAE
 from saescope.sae.relu import ReLUSAE
 from saescope.sae.topk import TopKConfig, TopKSAE
 
@@ -24,6 +26,11 @@ register("jumprelu", JumpReLUSAE, JumpReLUConfig)
 register("topk", TopKSAE, TopKConfig)
 register("batchtopk", BatchTopKSAE, TopKConfig)  # the same options as TopK
 register("relu", ReLUSAE)
+register("matryoshka_jumprelu", MatryoshkaJumpReLUSAE, MatryoshkaJumpReLUConfig)
+register("matryoshka_batchtopk", MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKConfig)
+
+#: architectures trained with JumpReLU's objective (a λ or a target L0; the frequency penalty)
+JUMPRELU_FAMILY = frozenset({"jumprelu", "matryoshka_jumprelu"})
 
 
 def build_sae(cfg: SAEConfig) -> SAE:

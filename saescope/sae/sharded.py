@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 from saescope.sae.base import LossOutput
-from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE, l0_penalised_loss
-from saescope.sae.jumprelu_step import jumprelu_step
+from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 
 
 class _SumOverShards(torch.autograd.Function):
@@ -110,6 +109,9 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
         shard.b_enc.copy_(sae.b_enc[lo:hi])
         shard.threshold.copy_(sae.threshold[lo:hi])
         shard.tokens_since_fired_F.copy_(sae.tokens_since_fired_F[lo:hi])
+        if hasattr(sae, "frequency_F"):
+            shard.frequency_F.copy_(sae.frequency_F[lo:hi])
+            shard.frequency_batches.copy_(sae.frequency_batches)
         shard.b_dec.copy_(sae.b_dec)
         return shard
 
@@ -162,15 +164,13 @@ class ShardedJumpReLUSAE(JumpReLUSAE):
 
     def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float) -> LossOutput:
         """Exactly :meth:`JumpReLUSAE.loss` of the unsharded SAE; ``fired_F`` covers this shard."""
-        part_BD, l0_part, fired_F = jumprelu_step(
-            x_BD, self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.threshold,
-            bandwidth=self.cfg.bandwidth, centre_input=self.cfg.centre_input, path=self.step_path,
-        )
+        part_BD, l0_part_B, fired_F = self.step(x_BD)
         if self.shard_rank != 0:  # the fused step adds b_dec; only rank 0's copy counts
             part_BD = part_BD - self.b_dec
         x_hat_BD = _SumOverShards.apply(part_BD, self.group)
-        l0 = _SumOverShards.apply(l0_part, self.group)
-        return l0_penalised_loss(x_BD, x_hat_BD, l0, fired_F, sparsity_coefficient)
+        l0_B = _SumOverShards.apply(l0_part_B, self.group)  # each token's L0 over every shard's latents
+        # the frequency penalty is per latent, so each rank's share acts on its own θ alone
+        return self.objective(x_BD, x_hat_BD, l0_B, fired_F, sparsity_coefficient)
 
     @torch.no_grad()
     def reduce_grads(self, sae: ShardedJumpReLUSAE | None = None) -> None:
