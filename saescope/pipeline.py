@@ -202,7 +202,8 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
     from saescope.train.trainer import Trainer, TrainOptions
 
     specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
-                  sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, seed=cfg.seed)
+                  sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks,
+                  target_l0s=cfg.target_l0s, prefixes=cfg.prefixes, seed=cfg.seed)
     recipe = Recipe.for_steps(cfg.n_steps, **cfg.recipe_overrides(),
                               scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
     options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress)

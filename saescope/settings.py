@@ -76,6 +76,25 @@ def listing(kind):
     return parse
 
 
+def positive(kind=finite):
+    """``kind`` above zero (a target L0 of 0 or below means nothing)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a share of tokens)."""
+    value = finite(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def optional(kind):
     """``kind``, or ``none`` for None."""
     return lambda text: None if text.strip().lower() == "none" else kind(text)
@@ -139,7 +158,7 @@ SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
-                 "adam_beta1")
+                 "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient")
 
 
 @dataclass(frozen=True)
@@ -148,7 +167,7 @@ class TrainSettings:
 
     #: site selection, e.g. 'all', 'resid_post@0-5', 'layer_12/attn_z'
     sites: str = "all"
-    #: SAE architecture: jumprelu, relu, topk or batchtopk
+    #: SAE architecture: jumprelu, relu, topk, batchtopk, matryoshka_jumprelu or matryoshka_batchtopk
     architecture: str = field(default="jumprelu", metadata={"flag": "arch"})
     #: SAE widths, e.g. 4096,16k
     widths: tuple[int, ...] = field(default=(16_384,), metadata={"parse": listing(width)})
@@ -157,6 +176,20 @@ class TrainSettings:
         default=(1e-3,), metadata={"flag": "l0_coefficients", "parse": listing(at_least(0, finite))})
     #: k sweep (topk, batchtopk): latents per token
     ks: tuple[int, ...] = field(default=(), metadata={"flag": "k", "parse": listing(positive_int)})
+    #: target L0s (jumprelu family): one SAE per target, trained with Gemma Scope 2's
+    #: λ·(2/L*)·(L0 − L*)² (λ: the one --l0-coefficients value), e.g. 20,60,150
+    target_l0s: tuple[float, ...] = field(default=(), metadata={"flag": "target_l0", "parse": listing(positive())})
+    #: Matryoshka nested widths below the SAE width, e.g. 128,512 (default: width/16, width/4)
+    prefixes: tuple[int, ...] = field(default=(), metadata={"parse": listing(width)})
+    #: high-frequency latent penalty (jumprelu family): penalise latents firing on more than this
+    #: share of tokens, e.g. 0.1 (none: off)
+    max_frequency: float | None = field(default=None, metadata={"parse": optional(fraction)})
+    #: weight of the frequency penalty relative to λ
+    frequency_coefficient: float = field(default=10.0, metadata={"parse": at_least(0, finite)})
+    #: JumpReLU θ at step 0: fixed (θ₀ = 0.001, the paper) or quantile (target-L0 SAEs fire L* per
+    #: token from step 0: θ from the first batch's pre-activation quantiles)
+    threshold_init_mode: str = field(default="fixed", metadata={"flag": "threshold_init",
+                                                                "choices": ("fixed", "quantile")})
     #: training tokens per SAE (saescope train from a store: default the whole store once)
     train_tokens: int | None = field(default=None, metadata={"flag": "tokens", "parse": optional(positive_int)})
     #: tokens per sequence

@@ -4,6 +4,10 @@ kernels of the fused step."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,14 +27,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def identity_step(x_BF, theta_F, eps, path, grad_theta=True):
-    """The fused step with W_enc = W_dec = I and no biases, so π = x (values chosen by hand)."""
+def identity_step(x_BF, theta_F, eps, path, straight_through=False):
+    """The fused step with W_enc = W_dec = I and b_enc = 0, so π = x (values chosen by hand);
+    returns θ and b_enc (both requiring grad) and the step's outputs."""
     F = x_BF.shape[1]
     eye = torch.eye(F)
-    theta = theta_F.clone().requires_grad_(grad_theta)
-    out = jumprelu_step(x_BF, eye, eye, torch.zeros(F), torch.zeros(F), theta, bandwidth=eps, centre_input=False,
-                        path=path, counts=True)
-    return theta, out
+    theta = theta_F.clone().requires_grad_(True)
+    b_enc = torch.zeros(F, requires_grad=True)
+    out = jumprelu_step(x_BF, eye, eye, b_enc, torch.zeros(F), theta, bandwidth=eps, centre_input=False,
+                        path=path, counts=True, counts_straight_through=straight_through)
+    return (theta, b_enc), out
 
 
 # θ = 0.5 everywhere, ε = 0.1: the window is |π − θ| < 0.05.  Per token: which latents fire, and
@@ -48,13 +54,14 @@ def test_quadratic_l0_value_and_threshold_gradient_by_hand(path):
     ∂/∂l_b = λ(4/L*)(l_b − L*)/B = (+1/3, −1/3, +1/3); per token the θ route is
     ∂l_b/∂θ_i = −(1/ε)·1[|π_bi − θ_i| < ε/2], so ∂/∂θ₀ = −10·(1/3 − 1/3 + 1/3) = −10/3 (tokens
     above the target raise θ₀), ∂/∂θ₃ = −10·(−1/3) = +10/3 (token 1 is below it: θ₃ falls)."""
-    theta, (x_hat, l0_B, fired_F) = identity_step(X_BY_HAND, torch.full((4,), 0.5), 0.1, path)
+    (theta, b_enc), (x_hat, l0_B, fired_F) = identity_step(X_BY_HAND, torch.full((4,), 0.5), 0.1, path)
     assert l0_B.tolist() == [3.0, 1.0, 3.0]
     assert fired_F.tolist() == [2.0, 2.0, 1.0, 2.0]
     loss = quadratic_l0_penalty(l0_B, 2.0, 0.5)
     assert loss.item() == pytest.approx(0.5)
-    (g,) = torch.autograd.grad(loss, theta)
+    g, g_b_enc = torch.autograd.grad(loss, [theta, b_enc], allow_unused=True)
     torch.testing.assert_close(g, torch.tensor([-10 / 3, 0.0, 0.0, 10 / 3]))
+    assert g_b_enc is None or g_b_enc.abs().max() == 0  # no straight-through gradient from the L0
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
@@ -99,16 +106,58 @@ def test_target_l0_loss_matches_plain_autograd(path):
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_frequency_penalty_value_and_gradient_by_hand(path):
-    """τ = 0.5, running frequencies p̂ = (0.9, 0.4, 0.6, 0.5): weights w = max(0, p̂ − τ)/τ =
-    (0.8, 0, 0.2, 0).  Batch frequencies c/B = (2, 2, 1, 2)/3, so with coefficient 3 the penalty is
-    3·(0.8·2/3 + 0.2·1/3) = 1.8.  ∂/∂θ_i = −3·w_i·(tokens in θ_i's window)/(ε·B):
-    latent 0 has 3 window tokens → −3·0.8·3/(0.1·3) = −24; latent 2 has none → 0."""
-    theta, (_, _, fired_F) = identity_step(X_BY_HAND, torch.full((4,), 0.5), 0.1, path)
+    """τ = 0.5, running frequencies p̂ = (0.9, 0.4, 0.6, 0.5): latents 0 and 2 are above τ
+    (weights w = 1[p̂ > τ] = (1, 0, 1, 0)).  Batch frequencies c/B = (2, 2, 1, 2)/3, so with
+    coefficient 3 the penalty is 3·(2/3 + 1/3) = 3.  ∂/∂θ_i = −3·w_i·(tokens in θ_i's window)/(ε·B):
+    latent 0 has 3 window tokens → −3·3/(0.1·3) = −30; latent 2 has none → 0.  Straight through,
+    π gets the opposite: ∂/∂b_enc,0 = +30 (so b_enc falls as θ rises)."""
+    (theta, b_enc), (_, _, fired_F) = identity_step(X_BY_HAND, torch.full((4,), 0.5), 0.1, path, straight_through=True)
     estimate = torch.tensor([0.9, 0.4, 0.6, 0.5])
     loss = frequency_penalty(fired_F, 3, estimate, 0.5, 3.0)
-    assert loss.item() == pytest.approx(1.8)
-    (g,) = torch.autograd.grad(loss, theta)
-    torch.testing.assert_close(g, torch.tensor([-24.0, 0.0, 0.0, 0.0]))
+    assert loss.item() == pytest.approx(3.0)
+    g, g_b_enc = torch.autograd.grad(loss, [theta, b_enc])
+    torch.testing.assert_close(g, torch.tensor([-30.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(g_b_enc, torch.tensor([30.0, 0.0, 0.0, 0.0]))
+
+
+class _RefCountsStraightThrough(torch.autograd.Function):
+    """H(π − θ) with the kernel's straight-through estimate to π: ∂/∂π = +(1/ε)K, ∂/∂θ = −(1/ε)K."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, eps):
+        ctx.save_for_backward(pre, threshold)
+        ctx.eps = eps
+        return (pre > threshold).to(pre)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        kernel = ((pre - threshold).abs() < ctx.eps / 2).to(pre) / ctx.eps
+        return kernel * grad, -(kernel * grad).sum(0), None
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_frequency_penalty_matches_plain_autograd_on_both_kernels(path):
+    """MSE + λ·L0 + β·λ·Σ_{p̂_i > τ} c_i/B: every parameter's gradient as plain autograd gives it."""
+    sae = random_sae(d_sae=96, step_path=path)
+    sae.cfg.max_frequency = 0.3
+    sae.register_buffer("frequency_F", torch.rand(96) * 0.6)
+    sae.register_buffer("frequency_batches", torch.zeros((), dtype=torch.int64))
+    sae.eval()  # keep p̂ as set
+    x = torch.randn(300, 16)
+    out = sae.loss(x, 0.3)
+    ours = grads_of(sae, out.total)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    f = _RefJumpReLU.apply(pre, sae.threshold, sae.cfg.bandwidth)
+    mse = (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    l0 = _RefStep.apply(pre, sae.threshold, sae.cfg.bandwidth).sum(-1).mean()
+    counts = _RefCountsStraightThrough.apply(pre, sae.threshold, sae.cfg.bandwidth).sum(0)
+    weight = (sae.frequency_F > 0.3).float()
+    ref_total = mse + 0.3 * l0 + sae.cfg.frequency_coefficient * 0.3 * (weight * counts).sum() / 300
+    ref = grads_of(sae, ref_total)
+    torch.testing.assert_close(out.total, ref_total.detach(), rtol=1e-5, atol=1e-5)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"gradient of {name} ({path})")
 
 
 def test_frequency_penalty_in_the_loss_updates_the_running_estimate_and_acts_above_tau_only():
@@ -121,7 +170,7 @@ def test_frequency_penalty_in_the_loss_updates_the_running_estimate_and_acts_abo
     out = sae.loss(x, 0.1)
     p = out.fired_F.double() / 400
     torch.testing.assert_close(sae.frequency_F.double(), p, rtol=0, atol=1e-7)  # first batch: p̂ = p
-    expected = 5.0 * 0.1 * float(((p - 0.2).clamp_min(0) / 0.2 * p).sum())
+    expected = 5.0 * 0.1 * float(((p > 0.2) * p).sum())
     assert out.aux.item() == pytest.approx(expected, rel=1e-5) and expected > 0
     # the gradient reaches θ of latents above τ only (besides the MSE's part): compare with λ = 0
     g_with = grads_of(sae, out.total)["threshold"]
@@ -201,3 +250,112 @@ def test_prefixes_are_checked():
             check_prefixes(bad, 2048)
     with pytest.raises(ValueError, match="target_l0"):
         JumpReLUSAE(SAEConfig(d_in=4, d_sae=8, target_l0=-1.0))
+
+
+# --- the L0 check: a warning on a case built to fail, none on a healthy one ----------------------
+
+
+def test_l0_warning_fires_when_l0_stops_responding_and_not_when_healthy():
+    from saescope.train.l0_check import l0_warnings
+
+    group = ("layer_5/resid_post", 16384, "jumprelu")
+    # SAELens #719's numbers: λ ×100 moved L0 from 26.6 to 26.0
+    stuck = l0_warnings([{"name": "a", "group": group, "l0": 26.6, "sparsity_coefficient": 1.0},
+                         {"name": "b", "group": group, "l0": 26.0, "sparsity_coefficient": 100.0}])
+    assert set(stuck) == {"a", "b"} and "stopped responding to λ" in stuck["a"][0] and "26.6 → 26.0" in stuck["a"][0]
+    healthy = l0_warnings([{"name": "a", "group": group, "l0": 90.0, "sparsity_coefficient": 1.0},
+                           {"name": "b", "group": group, "l0": 26.0, "sparsity_coefficient": 100.0}])
+    assert healthy == {}
+    # a target missed, with an L0 that did not move toward it at full λ: "not responding"
+    missed = l0_warnings([{"name": "t", "group": group, "l0": 52.0, "target_l0": 20.0, "sparsity_coefficient": 1e-3,
+                           "l0_after_warmup": 55.0, "warmup_end": 51}])
+    assert "misses its target 20 by +160%" in missed["t"][0] and "not responding to λ" in missed["t"][0]
+    # missed but still closing in: say so without blaming λ
+    closing = l0_warnings([{"name": "t", "group": group, "l0": 24.0, "target_l0": 20.0, "sparsity_coefficient": 1e-3,
+                            "l0_after_warmup": 60.0}])
+    assert "misses" in closing["t"][0] and "not responding" not in closing["t"][0]
+    on_target = l0_warnings([{"name": f"t{t}", "group": group, "l0": t * 1.1, "target_l0": t,
+                              "sparsity_coefficient": 1e-3, "l0_after_warmup": t * 1.3} for t in (20, 60, 150)])
+    assert on_target == {}
+    flat = l0_warnings([{"name": f"t{t}", "group": group, "l0": 40.0 + t / 100, "target_l0": t,
+                         "sparsity_coefficient": 1e-3} for t in (20, 60)])
+    assert "does not follow the target" in flat["t20"][-1]
+
+
+def _tiny_store(tmp_path):
+    from conftest import build_tiny_corpus, build_tiny_model
+
+    from saescope.activations.harvest import HarvestConfig, harvest
+    from saescope.sites import Site
+
+    harvest(build_tiny_model("gemma3", n_layers=2), None, build_tiny_corpus(n_seqs=16, seq_len=16),
+            [Site(1, "resid_post")], tmp_path / "store",
+            HarvestConfig(model_name="tiny-gemma3", progress=False, shard_tokens=64))
+    return tmp_path / "store"
+
+
+def test_cli_target_l0_makes_one_sae_per_target_named_by_it(tmp_path, capsys):
+    """`saescope train --target-l0 4,8`: one SAE per target, its name says the target, its
+    config.json and metrics.json hold target and achieved L0; θ from the first batch's quantiles
+    puts each near its target (no warning), while the paper's θ₀ with a negligible λ cannot move
+    the L0 to its target in 8 steps and says so."""
+    from saescope.cli import main
+
+    store = _tiny_store(tmp_path)
+    base = ["train", "--store", str(store), "--widths", "64", "--batch-size", "32", "--no-progress",
+            "--device", "cpu", "--target-l0", "4,8", "--l0-coefficients", "1e-9"]
+    assert main(base + ["--out", str(tmp_path / "good"), "--threshold-init", "quantile"]) == 0
+    err = capsys.readouterr().err
+    assert "misses its target" not in err
+    summary = json.loads((tmp_path / "good" / "train_summary.json").read_text())
+    assert sorted(e["sae"] for e in summary["saes"]) == ["layer_1.resid_post.jumprelu.64.l0target4.seed0",
+                                                         "layer_1.resid_post.jumprelu.64.l0target8.seed0"]
+    for entry in summary["saes"]:
+        folder = Path(entry["folder"])
+        config = json.loads((folder / "config.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())["training"]
+        assert config["target_l0"] == entry["spec"]["target_l0"] == metrics["target_l0"]
+        assert abs(metrics["average_l0"] - metrics["target_l0"]) <= 0.15 * metrics["target_l0"]
+        assert "l0_warnings" not in metrics
+    log = [json.loads(line) for line in (tmp_path / "good" / "train_log.jsonl").read_text().splitlines()]
+    assert {r["target_l0"] for r in log if "l0" in r} == {4.0, 8.0}
+
+    assert main(base + ["--out", str(tmp_path / "bad")]) == 0  # θ₀ = 0.001: half the latents fire
+    err = capsys.readouterr().err
+    assert err.count("misses its target") == 2
+    summary = json.loads((tmp_path / "bad" / "train_summary.json").read_text())
+    assert all("misses its target" in e["metrics"]["l0_warnings"][0] for e in summary["saes"])
+
+
+def test_matryoshka_release_reports_every_prefix_in_eval(tmp_path):
+    """A Matryoshka JumpReLU trains, is released as a JumpReLU with its prefixes in config.json,
+    and eval writes each prefix's metrics (FVU, delta loss) next to the full SAE's."""
+    from conftest import build_tiny_corpus, build_tiny_model
+
+    from saescope.activations.store import ActivationStore, StoreReader
+    from saescope.evaluate.suite import EvalConfig, evaluate_release
+    from saescope.release import load_sae
+    from saescope.train.recipe import Recipe
+    from saescope.train.run import train_and_release
+    from saescope.train.spec import SAESpec
+    from saescope.train.trainer import Trainer, TrainOptions
+
+    store = _tiny_store(tmp_path)
+    spec = SAESpec("layer_1/resid_post", "matryoshka_jumprelu", 64, sparsity_coefficient=1e-3, target_l0=8,
+                   prefixes=(8, 32))
+    recipe = Recipe.for_steps(8, batch_size=32, threshold_init_mode="quantile", max_frequency=0.3)
+    (folder,) = train_and_release(Trainer(StoreReader(ActivationStore(store), [spec.site]), [spec], recipe,
+                                          tmp_path / "run", n_steps=8, options=TrainOptions(progress=False)))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "jumprelu" and config["matryoshka_prefixes"] == [8, 32]
+    assert config["trained_as"]["architecture"] == "matryoshka_jumprelu"
+    assert load_sae(folder).cfg.d_sae == 64
+    model = build_tiny_model("gemma3", n_layers=2)
+    summary = evaluate_release(tmp_path / "run" / "release", model, build_tiny_corpus(n_seqs=8, seq_len=16),
+                               EvalConfig(progress=False))
+    (entry,) = summary["saes"].values()
+    assert set(entry["prefixes"]) == {"8", "32"} and entry["target_l0"] == 8
+    eval_section = json.loads((folder / "metrics.json").read_text())["eval"]
+    small, mid = eval_section["prefixes"]["8"], eval_section["prefixes"]["32"]
+    assert small["d_sae"] == 8 and small["l0"] <= mid["l0"] <= eval_section["l0"]
+    assert all(math.isfinite(p["fvu"]) and math.isfinite(p["delta_loss"]) for p in (small, mid))

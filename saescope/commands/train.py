@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--arch {s.architecture} takes --k, not --l0-coefficients")
     elif s.ks:
         raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
+    if s.architecture in K_ARCHITECTURES and s.target_l0s:
+        raise ValueError(f"--target-l0 is for jumprelu and matryoshka_jumprelu; --arch {s.architecture} takes --k "
+                         "(k is its L0)")
     if args.store is not None and not args.store.is_dir():
         raise FileNotFoundError(f"no activation store at {args.store}: it does not exist (run saescope harvest first)")
     writable_folder(args.out if args.out is not None else args.store.resolve().parent)
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     n_steps = max(1, tokens // s.batch_size)
     recipe = Recipe.for_steps(n_steps, **s.recipe_overrides())
     specs = sweep(sites, s.widths, architecture=s.architecture, sparsity_coefficients=s.sparsity_coefficients,
-                  ks=s.ks, seed=s.seed)
+                  ks=s.ks, target_l0s=s.target_l0s, prefixes=s.prefixes, seed=s.seed)
     options = TrainOptions(device=str(device), checkpoint_every=s.checkpoint_every, log_every=args.log_every,
                            loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),
                            progress=not args.no_progress)

@@ -228,6 +228,11 @@ def _sae_metrics(site: Site, sae: SAE, t: Accumulators, zero_subset: M.LossStats
     return out
 
 
+def prefix_key(folder, m: int) -> str:
+    """The evaluation name of a Matryoshka SAE's prefix of width ``m``."""
+    return f"{folder}#prefix{m}"
+
+
 #: the scalar metrics, in the order tables show them
 SCALAR_METRICS = ("l0", "fvu", "fvu_std", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
                   "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation")
@@ -275,24 +280,49 @@ def _evaluate_release(root: Path, model, corpus, cfg, kind, model_name, sae_memo
         merged["info"] = result["info"]
         group.clear()
 
+    prefixes: dict[str, list[int]] = {}
+    targets: dict[str, float] = {}
     for site, folder in entries:
-        sae = read_release_folder(folder, root, kind=kind, device=device).sae
+        released = read_release_folder(folder, root, kind=kind, device=device)
+        sae = released.sae
         check_sae_fits(model, site, sae, str(folder))
-        n_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
+        # a Matryoshka SAE: each nested dictionary is evaluated as an SAE of its own
+        widths = [int(m) for m in released.config.get("matryoshka_prefixes") or []]
+        parts = {str(folder): sae, **{prefix_key(folder, m): sae.prefix(m) for m in widths}}
+        if widths:
+            prefixes[str(folder)] = widths
+        if released.config.get("target_l0") is not None:
+            targets[str(folder)] = float(released.config["target_l0"])
+        n_bytes = sum(p.numel() * p.element_size() for part in parts.values() for p in part.parameters())
         if group and group_bytes + n_bytes > sae_memory_mb * 2**20:
             run_group()
             group_bytes = 0
-        group[str(folder)] = (site, sae)
+        group.update({key: (site, part) for key, part in parts.items()})
         group_bytes += n_bytes
     run_group()
 
     info = {**merged["info"], "model": model_name, "seconds": round(time.time() - t0, 1)}
     summary = {"info": info, "sites": merged["sites"], "saes": {}}
+    from saescope.errors import warn
+    from saescope.train.l0_check import TOLERANCE, target_miss
+
     for site, folder in entries:
         sae_metrics = merged["saes"][str(folder)]
+        if str(folder) in prefixes:  # each prefix's scalar metrics, by width
+            sae_metrics["prefixes"] = {
+                str(m): {"d_sae": m, **{k: merged["saes"][prefix_key(folder, m)].get(k) for k in SCALAR_METRICS}}
+                for m in prefixes[str(folder)]}
+        if str(folder) in targets:  # Gemma Scope 2's target L0 against the held-out L0
+            target = targets[str(folder)]
+            sae_metrics["target_l0"] = target
+            sae_metrics["l0_vs_target"] = target_miss(sae_metrics["l0"], target)
+            if abs(sae_metrics["l0_vs_target"]) > TOLERANCE:
+                warn(f"{folder}: held-out L0 {sae_metrics['l0']:.1f} misses its target {target:g} by "
+                     f"{sae_metrics['l0_vs_target']:+.0%} (tolerance ±{TOLERANCE:.0%})")
         write_section(folder, "eval", {**sae_metrics, "info": info})
         relative = folder.relative_to(root).as_posix() if folder != root else "."
         summary["saes"][relative] = {"site": site.name, "d_sae": sae_metrics["d_sae"],
-                                     **{k: sae_metrics.get(k) for k in SCALAR_METRICS}}
+                                     **{k: sae_metrics.get(k) for k in SCALAR_METRICS},
+                                     **{k: sae_metrics[k] for k in ("target_l0", "prefixes") if k in sae_metrics}}
     write_json(root / "eval.json", summary)
     return summary

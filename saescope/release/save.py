@@ -129,46 +129,57 @@ def release_trained(results, root: str | Path, *, model_name: str | None, recipe
 
 
 def _release_trained(results, root: Path, model_name, recipe, batch_size: int, write_folders: bool):
+    from saescope.errors import warn
+    from saescope.train.l0_check import l0_warnings, target_miss
+
     used: set[Path] = set()
     folders, summary = [], []
+    finished = [r for r in results if r.error is None]
+    all_metrics = {r.spec.name: _training_metrics(r, batch_size) for r in finished}
+    warnings = l0_warnings(
+        {"name": r.spec.name, "group": (r.spec.site.name, r.spec.d_sae, r.spec.architecture),
+         "l0": all_metrics[r.spec.name]["average_l0"], "target_l0": r.spec.target_l0,
+         "sparsity_coefficient": r.spec.sparsity_coefficient,
+         "l0_after_warmup": r.metrics.get("l0_after_warmup"),
+         "warmup_end": (r.metrics.get("l0_after_warmup_steps") or [None])[0]}
+        for r in finished if r.spec.sparsity_coefficient is not None)
     for r in results:
         spec = r.spec
         entry = {"sae": spec.name, "site": spec.site.name, "spec": spec.to_dict()}
         if r.error is not None:
             summary.append({**entry, "status": "stopped", "error": r.error})
             continue
-        final = r.metrics
-        # the L0 of the released weights (on the last batch), not the training average
-        l0 = r.released_l0 if r.released_l0 is not None else final["l0"]
-        metrics = {
-            "average_l0": l0,
-            "l0_measured_on": (f"the last training batch ({batch_size} tokens), final weights"
-                               if r.released_l0 is not None else "the training batches below"),
-            "training_l0": final["l0"],
-            "fvu": final["fvu"],
-            "mse": final["mse_raw"],  # raw activation units
-            "mse_normalized": final["mse"],
-            "dead_fraction": final["dead_fraction"],
-            "measured_on": f"the last {int(final['steps_averaged'])} training batches of {batch_size} tokens",
-        }
+        metrics = all_metrics[spec.name]
+        l0 = metrics["average_l0"]
+        if spec.target_l0 is not None:
+            metrics["target_l0"] = spec.target_l0
+            metrics["l0_vs_target"] = target_miss(l0, spec.target_l0)
+        if spec.name in warnings:
+            metrics["l0_warnings"] = warnings[spec.name]
+            for text in warnings[spec.name]:
+                warn(f"{spec.name}: {text}")
         if not write_folders:
             summary.append({**entry, "status": "trained", "metrics": metrics})
             continue
         folder = unique_folder(release_folder(root, spec.site, spec.d_sae, round(l0)), used)
         sae = copy.deepcopy(r.sae).to("cpu").eval()
         sae.fold_input_norm(r.norm if r.norm is not None else InputNorm.from_scale(r.scale, sae.cfg.d_in))
-        if hasattr(sae, "to_jumprelu"):  # BatchTopK: its inference code is a JumpReLU
+        if hasattr(sae, "to_jumprelu"):  # BatchTopK, Matryoshka: the inference code is a JumpReLU
             sae = sae.to_jumprelu()
+        trained_as = {"architecture": spec.architecture, "k": spec.k,
+                      **({"prefixes": list(spec.prefixes)} if spec.prefixes else {})}
         config = {
             "model": model_name,
             "site": spec.site.name,
             "d_in": sae.cfg.d_in,
             "d_sae": spec.d_sae,
             "architecture": sae.architecture,
-            # BatchTopK released as a JumpReLU (the same latents): what it was trained as
-            **({"trained_as": {"architecture": spec.architecture, "k": spec.k}}
-               if spec.architecture != sae.architecture else {}),
+            # BatchTopK / Matryoshka released as a JumpReLU (the same latents): what it was trained as
+            **({"trained_as": trained_as} if spec.architecture != sae.architecture else {}),
             "sparsity_coefficient": spec.sparsity_coefficient,
+            **({"target_l0": spec.target_l0} if spec.target_l0 is not None else {}),
+            # the nested widths below d_sae: saescope eval reports each prefix's metrics
+            **({"matryoshka_prefixes": list(spec.prefixes)} if spec.prefixes else {}),
             "k": getattr(sae.cfg, "k", None),
             "seed": spec.seed,
             "tokens_seen": r.tokens_seen,
@@ -181,3 +192,21 @@ def _release_trained(results, root: Path, model_name, recipe, batch_size: int, w
         folders.append(written)
         summary.append({**entry, "status": "released", "folder": str(written), "metrics": metrics})
     return folders, summary
+
+
+def _training_metrics(r, batch_size: int) -> dict:
+    final = r.metrics
+    # the L0 of the released weights (on the last batch), not the training average
+    l0 = r.released_l0 if r.released_l0 is not None else final["l0"]
+    return {
+        "average_l0": l0,
+        "l0_measured_on": (f"the last training batch ({batch_size} tokens), final weights"
+                           if r.released_l0 is not None else "the training batches below"),
+        "training_l0": final["l0"],
+        **({"l0_after_warmup": final["l0_after_warmup"]} if "l0_after_warmup" in final else {}),
+        "fvu": final["fvu"],
+        "mse": final["mse_raw"],  # raw activation units
+        "mse_normalized": final["mse"],
+        "dead_fraction": final["dead_fraction"],
+        "measured_on": f"the last {int(final['steps_averaged'])} training batches of {batch_size} tokens",
+    }

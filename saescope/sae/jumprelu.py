@@ -45,7 +45,7 @@ class JumpReLUConfig(SAEConfig):
     #: training only: β, the frequency penalty's weight relative to λ
     frequency_coefficient: float = 10.0
     #: training only: the running frequency p̂ averages over about this many batches
-    frequency_window: int = 100
+    frequency_window: int = 8
 
 
 class JumpReLUSAE(SAE):
@@ -100,6 +100,7 @@ class JumpReLUSAE(SAE):
         return jumprelu_step(
             x_BD, W_enc, W_dec, b_enc, self.b_dec, threshold,
             bandwidth=self.cfg.bandwidth, centre_input=self.cfg.centre_input, path=self.step_path, counts=True,
+            counts_straight_through=self.cfg.max_frequency is not None,  # only the frequency penalty uses them
         )
 
     def objective(self, target_BD: torch.Tensor, x_hat_BD: torch.Tensor, l0_B: torch.Tensor, fired_F: torch.Tensor,
@@ -108,6 +109,18 @@ class JumpReLUSAE(SAE):
         ``target_BD`` is what x̂ should match (the input, or a transcoder's output)."""
         return l0_penalised_loss(target_BD, x_hat_BD, l0_B, fired_F, sparsity_coefficient, sae=self,
                                  extra_mse=extra_mse)
+
+    @torch.no_grad()
+    def init_threshold_at_l0_(self, x_BD: torch.Tensor, l0: float, minimum: float = 1e-6) -> None:
+        """θ_i ← the (1 − L0/F) quantile of latent i's pre-activations on ``x_BD`` (halfway between
+        the k-th and (k+1)-th largest, k = L0·B/F), so each latent fires on a share L0/F of these
+        tokens and the SAE on L0 per token on average; at least ``minimum``.  A latent shard uses
+        the whole SAE's F."""
+        B = x_BD.shape[0]
+        width = getattr(self, "full_cfg", self.cfg).d_sae
+        k = min(max(1, round(l0 * B / width)), B - 1)
+        top_KF = self.pre_activations(x_BD.float()).topk(k + 1, dim=0).values
+        self.threshold.copy_(((top_KF[k - 1] + top_KF[k]) / 2).clamp_min(minimum))
 
     @torch.no_grad()
     def update_frequency_(self, fired_F: torch.Tensor, n_tokens: int) -> None:
@@ -156,7 +169,7 @@ def frequency_penalty(fired_F: torch.Tensor, n_tokens: int, frequency_F: torch.T
     """coefficient·Σ_i w_i·(c_i/B) with w_i = max(0, p̂_i − τ)/τ held constant: zero for latents
     whose running frequency p̂_i is at most τ; ``fired_F`` (c_i) carries θ's pseudo-gradient, so
     ∂/∂θ_i = −coefficient·w_i·(tokens in θ_i's window)/(ε·B)."""
-    weight_F = (frequency_F - max_frequency).clamp_min(0) / max_frequency
+    weight_F = (frequency_F > max_frequency).to(fired_F.dtype)
     return coefficient * (weight_F.to(fired_F) * fired_F).sum() / n_tokens
 
 

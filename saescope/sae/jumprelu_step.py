@@ -17,6 +17,10 @@ Backward, rectangle kernel K(u) = 1[−½ < u < ½], bandwidth ε (pseudo-deriva
   around a target L0, a penalty on frequent latents):
   ∂G/∂θ_i = −(1/ε)·[Σ_b ∂G/∂l0_b·K((π_bi − θ_i)/ε) + ∂G/∂c_i·Σ_b K((π_bi − θ_i)/ε)].
   Only the (token, latent) pairs inside θ's window enter, which the step keeps as indices anyway.
+* ``counts_straight_through=True``: the per-latent counts' gradient also reaches π, by the
+  kernel's straight-through estimate ∂c_i/∂π_bi = +(1/ε)·K((π_bi − θ_i)/ε) (the per-token L0's
+  never does: Gemma Scope's rule).  The frequency penalty needs it: acting on θ alone, Adam moves
+  b_enc up as fast as it moves θ up (both ~lr per step) and a useful dense latent keeps firing.
 
 Why one Function instead of autograd over small ops: autograd would keep π, the mask, f, the
 kernel and several products as separate B×F tensors, and compute a sixth matrix product (the
@@ -77,6 +81,7 @@ def jumprelu_step(
     centre_input: bool = True,
     path: str = "auto",
     counts: bool = False,
+    counts_straight_through: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(x_hat_BD, l0, fired_F)``: the reconstruction, the L0 term (mean active latents
     per token, differentiable w.r.t. θ only), and per-latent firing counts (int64, no grad).
@@ -84,7 +89,8 @@ def jumprelu_step(
     ``counts=True`` returns ``(x_hat_BD, l0_B, fired_F)`` instead, with both counts float32 and
     differentiable w.r.t. θ by the pseudo-derivative: ``l0_B`` (B,) the active latents of each
     token, ``fired_F`` (F,) the tokens each latent fires on (what per-token and per-latent
-    penalties need; ``l0_B.mean()`` is the plain L0 term, with the same gradient)."""
+    penalties need; ``l0_B.mean()`` is the plain L0 term, with the same gradient).
+    ``counts_straight_through``: ``fired_F``'s gradient also reaches π (module docstring)."""
     if path not in PATHS:
         raise ValueError(f"unknown JumpReLU step path {path!r}; use one of {', '.join(PATHS)}")
     if x_BD.ndim != 2 or x_BD.shape[1] != W_enc_DF.shape[0]:
@@ -97,14 +103,15 @@ def jumprelu_step(
     with torch.autocast(device_type, enabled=False):
         x_hat_BD, l0, fired_F, l0_B, counts_F = _JumpReLUStep.apply(
             x_BD.float(), W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F,
-            float(bandwidth), bool(centre_input), path, low_dtype,
+            float(bandwidth), bool(centre_input), path, low_dtype, bool(counts_straight_through),
         )
     return (x_hat_BD, l0_B, counts_F) if counts else (x_hat_BD, l0, fired_F)
 
 
 class _JumpReLUStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F, bandwidth, centre_input, path, low_dtype):
+    def forward(ctx, x_BD, W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F, bandwidth, centre_input, path, low_dtype,
+                straight_through):
         B, F = x_BD.shape[0], W_enc_DF.shape[1]
         device, half = x_BD.device, bandwidth / 2
         lease = POOL.acquire((device, B, F))
@@ -130,6 +137,7 @@ class _JumpReLUStep(torch.autograd.Function):
             torch.gt(scores_BF[n_sampled:], window_start_F, out=window_BF[n_sampled:])
 
         ctx.sparse, ctx.bandwidth, ctx.centre_input, ctx.low_dtype = sparse, bandwidth, centre_input, low_dtype
+        ctx.straight_through = straight_through
         ctx.device_type = device.type
         ctx.save_for_backward(x_BD, W_enc_DF, W_dec_FD, b_dec_D, threshold_F)
         if sparse:
@@ -154,11 +162,13 @@ class _JumpReLUStep(torch.autograd.Function):
         if grad_x_hat_BD is None:
             grad_x_hat_BD = torch.zeros_like(x_BD)
         grad_l0 = 0.0 if grad_l0 is None else grad_l0
+        # ∂c_i/∂π_bi = (1/ε)·K at θ_i's window, when the counts' gradient goes straight through
+        pre_F = grad_counts_F / ctx.bandwidth if ctx.straight_through and grad_counts_F is not None else None
         with torch.autocast(ctx.device_type, enabled=False):
             if ctx.sparse:
-                grads = _sparse_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, F)
+                grads = _sparse_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, F, pre_F)
             else:
-                grads = _dense_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, B, F)
+                grads = _dense_backward(ctx, grad_x_hat_BD, x_BD, W_enc_DF, W_dec_FD, B, F, pre_F)
                 ctx.lease.release()
         grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F, near_rows, near_cols = grads
 
@@ -173,7 +183,8 @@ class _JumpReLUStep(torch.autograd.Function):
             grad_b_dec_D = grad_b_dec_D - W_enc_DF @ grad_bias_F
             if grad_W_enc_DF is not None:
                 grad_W_enc_DF.addr_(b_dec_D, grad_bias_F, alpha=-1.0)
-        return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, grad_b_dec_D, grad_threshold_F, None, None, None, None
+        return (grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, grad_b_dec_D, grad_threshold_F,
+                None, None, None, None, None)
 
 
 # --- dense path ---------------------------------------------------------------------------------
@@ -200,7 +211,7 @@ def _dense_forward(ctx, lease, pre_BF, window_BF, W_dec_FD, b_dec_D, threshold_F
     return x_hat_BD, fired_F, l0_B
 
 
-def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
+def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F, near_pre_F=None):
     lease, low, low_dtype = ctx.lease, ctx.low, ctx.low_dtype
     device = x_BD.device
     buf_BF = lease.get("pre", (B, F), torch.float32, device)  # holds f
@@ -221,6 +232,8 @@ def _dense_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, B, F):
     near_grad_f_F = torch.zeros(F, device=device).index_add_(0, ctx.near_cols, buf_BF[ctx.near_rows, ctx.near_cols])
     near_count_F = torch.bincount(ctx.near_cols, minlength=F).to(torch.float32)
     grad_pre_BF = buf_BF.mul_(active_BF)
+    if near_pre_F is not None:  # straight-through counts: extra ∂L/∂π at θ's window
+        grad_pre_BF.index_put_((ctx.near_rows, ctx.near_cols), near_pre_F[ctx.near_cols], accumulate=True)
     if low_dtype is not None:
         low_BF.copy_(grad_pre_BF)
     grad_W_enc_DF = grad_x_BD = None
@@ -280,7 +293,7 @@ def _sampled_grad_f(g_BD, W_dec_FD, rows, cols, B, F):
         return torch.sparse.sampled_addmm(pattern, g_BD, W_dec_FD.T, beta=0.0).values()
 
 
-def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
+def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F, near_pre_F=None):
     B = x_BD.shape[0]
     grad_f_S = _sampled_grad_f(g_BD, W_dec_FD, ctx.rows, ctx.cols, B, F)
     near_rows, near_cols = ctx.rows[ctx.near_idx], ctx.cols[ctx.near_idx]
@@ -289,11 +302,21 @@ def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
 
     a_rows, a_cols = ctx.a_rows, ctx.a_cols
     grad_pre_A = grad_f_S[ctx.active_idx]  # ∂L/∂π at the active pairs (zero elsewhere)
-    grad_bias_F = torch.zeros(F, device=g_BD.device).index_add_(0, a_cols, grad_pre_A)
     # ∂L/∂W_dec and ∂L/∂W_encᵀ are sums over each latent's active tokens: bags by latent
     by_latent = torch.argsort(a_cols.to(torch.int32), stable=True)  # int32 keys sort ~4× faster
     tokens_by_latent = a_rows[by_latent]
     latent_offsets = _offsets(a_cols[by_latent], F)
+    # the encoder side: the active pairs, or (straight-through counts) every pair of the sparse set,
+    # which holds θ's window too
+    enc_rows, enc_cols, grad_pre_E = a_rows, a_cols, grad_pre_A
+    enc_tokens, enc_offsets, enc_order = tokens_by_latent, latent_offsets, by_latent
+    if near_pre_F is not None:
+        grad_pre_E = torch.zeros_like(grad_f_S).index_copy_(0, ctx.active_idx, grad_pre_A)
+        grad_pre_E.index_add_(0, ctx.near_idx, near_pre_F[near_cols])
+        enc_rows, enc_cols = ctx.rows, ctx.cols
+        enc_order = torch.argsort(enc_cols.to(torch.int32), stable=True)
+        enc_tokens, enc_offsets = enc_rows[enc_order], _offsets(enc_cols[enc_order], F)
+    grad_bias_F = torch.zeros(F, device=g_BD.device).index_add_(0, enc_cols, grad_pre_E)
     grad_W_dec_FD = grad_W_enc_DF = grad_x_BD = None
     if ctx.needs_input_grad[2]:
         grad_W_dec_FD = nnf.embedding_bag(
@@ -301,11 +324,11 @@ def _sparse_backward(ctx, g_BD, x_BD, W_enc_DF, W_dec_FD, F):
         )
     if ctx.needs_input_grad[1]:
         grad_W_enc_FD = nnf.embedding_bag(
-            tokens_by_latent, x_BD, latent_offsets, mode="sum", per_sample_weights=grad_pre_A[by_latent]
+            enc_tokens, x_BD, enc_offsets, mode="sum", per_sample_weights=grad_pre_E[enc_order]
         )
         grad_W_enc_DF = grad_W_enc_FD.T.contiguous()
     if ctx.needs_input_grad[0]:
         grad_x_BD = nnf.embedding_bag(
-            a_cols, W_enc_DF.T.contiguous(), _offsets(a_rows, B), mode="sum", per_sample_weights=grad_pre_A
+            enc_cols, W_enc_DF.T.contiguous(), _offsets(enc_rows, B), mode="sum", per_sample_weights=grad_pre_E
         )
     return grad_x_BD, grad_W_enc_DF, grad_W_dec_FD, grad_bias_F, near_grad_f_F, near_count_F, near_rows, near_cols

@@ -5,8 +5,6 @@ first mₖ latents must each reconstruct the input on their own (Bussmann et al.
 
 from __future__ import annotations
 
-import torch
-
 
 def default_prefixes(d_sae: int) -> tuple[int, ...]:
     """F/16 and F/4 (then F itself): three nested dictionaries, each 4× the last."""
@@ -37,7 +35,7 @@ def blocks(prefixes: tuple[int, ...], d_sae: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def prefix_mses(x_BD: torch.Tensor, parts_BD: list[torch.Tensor], b_dec_D: torch.Tensor):
+def prefix_mses(x_BD, parts_BD: list, b_dec_D):
     """Each prefix's reconstruction b_dec + Σ_{j≤k} part_j and its ‖x − x̂ₖ‖² (summed over D, mean
     over B), from each block's decoder output ``parts_BD`` (without b_dec).  Returns
     ``(x̂ of the full width, [mse₁, …, mse_K+1])``: the Matryoshka loss is their sum."""

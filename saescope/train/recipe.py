@@ -52,6 +52,8 @@ class Recipe:
     # --- sparsity coefficient schedule ---
     #: λ rises linearly from 0 to its target over this many steps
     sparsity_warmup_steps: int = 10_000
+    #: the same for SAEs with a target L0 (Gemma Scope 2's quadratic penalty: 50,000 steps)
+    target_l0_warmup_steps: int = 50_000
 
     # --- data ---
     batch_size: int = 4_096
@@ -77,6 +79,20 @@ class Recipe:
     bandwidth: float = 0.001
     #: JumpReLU: θ is clamped to at least this after every step (θ must stay positive)
     threshold_min: float = 1e-6
+    #: JumpReLU θ at step 0: "fixed" (θ₀ for every latent: the paper) or "quantile" (SAEs with a
+    #: target L0: each latent's θ at the (1 − L*/F) quantile of its pre-activations on the first
+    #: batch, so the SAE fires L* latents per token from step 0; others keep θ₀)
+    threshold_init_mode: str = "fixed"
+
+    # --- Gemma Scope 2's high-frequency latent penalty (JumpReLU family; off by default) ---
+    #: τ: latents whose running firing frequency exceeds this are penalised (None: no penalty)
+    max_frequency: float | None = None
+    #: β: the penalty's weight relative to λ (a latent at frequency 2τ gets an extra L0 weight β·λ)
+    frequency_coefficient: float = 10.0
+    #: the running firing frequency averages over about this many tokens (whole batches); keep it
+    #: short: a lagging estimate keeps pushing a latent long after it fell below τ (measured: a
+    #: 131k-token window on a 262k-token run left L0 at half its target and as many latents above τ)
+    frequency_window_tokens: int = 8_192
     #: b_dec at step 0: "zeros" (the paper) or "mean" (the mean of the first batch, in
     #: normalised units).  The paper's runs are long enough for b_dec to learn the mean; a
     #: short CPU run is not, and Gemma's activations have a large mean (a few outlier
@@ -93,7 +109,7 @@ class Recipe:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"Adam betas must lie in [0, 1), got ({self.adam_beta1}, {self.adam_beta2})")
-        for name in ("lr_warmup_steps", "sparsity_warmup_steps"):
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "target_l0_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr_warmup_start <= 1:
@@ -112,6 +128,12 @@ class Recipe:
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.threshold_init <= 0 or self.bandwidth <= 0 or self.threshold_min <= 0:
             raise ValueError("threshold_init, bandwidth and threshold_min must be > 0")
+        if self.threshold_init_mode not in ("fixed", "quantile"):
+            raise ValueError(f"threshold_init_mode must be 'fixed' or 'quantile', got {self.threshold_init_mode!r}")
+        if self.max_frequency is not None and not 0 < self.max_frequency < 1:
+            raise ValueError(f"max_frequency must lie in (0, 1) (a fraction of tokens), got {self.max_frequency}")
+        if self.frequency_coefficient < 0 or self.frequency_window_tokens < 1:
+            raise ValueError("frequency_coefficient must be >= 0 and frequency_window_tokens >= 1")
 
     # --- schedules ---------------------------------------------------------------------------
 
@@ -136,11 +158,13 @@ class Recipe:
                 lr = lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t)))
         return lr
 
-    def sparsity_factor_at(self, step: int) -> float:
-        """Fraction of the target sparsity coefficient used at ``step``: step/W, capped at 1."""
-        if step >= self.sparsity_warmup_steps:
+    def sparsity_factor_at(self, step: int, target_l0: bool = False) -> float:
+        """Fraction of the target sparsity coefficient used at ``step``: step/W, capped at 1
+        (W: ``target_l0_warmup_steps`` for an SAE with a target L0)."""
+        warmup = self.target_l0_warmup_steps if target_l0 else self.sparsity_warmup_steps
+        if step >= warmup:
             return 1.0
-        return step / self.sparsity_warmup_steps
+        return step / warmup
 
     # --- the short-run rule ------------------------------------------------------------------
 
@@ -153,7 +177,8 @@ class Recipe:
         """The paper's recipe with its warm-ups shortened to fit a run of ``n_steps``.
 
         Rule: lr warm-up = min(1,000, 5% of the run); λ warm-up = min(10,000, 20% of the run)
-        (rounded down).  Runs of 50,000+ steps get the paper's values unchanged.
+        (rounded down), and for target-L0 SAEs min(50,000, 20% of the run).  Runs of 250,000+
+        steps get the papers' values unchanged.
 
         Why these fractions: the released L0 is measured at the end of the run, so the SAE must
         spend most of the run at its full λ for L0 to settle where λ puts it — with a 20% λ
@@ -169,6 +194,7 @@ class Recipe:
         rule = {
             "lr_warmup_steps": min(base.lr_warmup_steps, int(cls.SHORT_RUN_LR_WARMUP * n_steps)),
             "sparsity_warmup_steps": min(base.sparsity_warmup_steps, int(cls.SHORT_RUN_SPARSITY_WARMUP * n_steps)),
+            "target_l0_warmup_steps": min(base.target_l0_warmup_steps, int(cls.SHORT_RUN_SPARSITY_WARMUP * n_steps)),
         }
         rule.update(overrides)
         return cls(**rule)

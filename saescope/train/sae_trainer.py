@@ -3,8 +3,9 @@
 This is the seam people writing their own loops use (as dictionary_learning's trainers), and the
 unit :class:`saescope.train.trainer.Trainer` runs many of per data pass.  A step is:
 
-1. divide the raw batch by the site's scale C (so E‖x‖² = 1, the units ε and θ₀ assume);
-2. loss at this step's λ, backward;
+1. divide the raw batch by the site's scale C (so E‖x‖² = 1, the units ε and θ₀ assume); at
+   step 0, b_dec and (target-L0 SAEs, ``threshold_init_mode="quantile"``) θ from this batch;
+2. loss at this step's λ (warmed up over ``target_l0_warmup_steps`` for a target-L0 SAE), backward;
 3. ``reduce_grads(sae)`` if given — the data-parallel seam: an all-reduce of the gradients
    across ranks goes here, before anything reads them;
 4. refuse to step if the batch, the loss or a gradient is NaN/Inf (:class:`NonFiniteError`:
@@ -77,6 +78,12 @@ class SAETrainer:
             raise ValueError(f"input_scale must be > 0, got {input_scale}")
         if recipe.b_dec_init == "mean" and reduce_grads is not None:
             raise ValueError("b_dec_init='mean' reads one rank's batch; use 'zeros' with data-parallel training")
+        #: Gemma Scope 2's target L0 (None: λ·L0, or an architecture that sets its own sparsity)
+        self.target_l0 = getattr(sae.cfg, "target_l0", None)
+        self.quantile_init = recipe.threshold_init_mode == "quantile" and self.target_l0 is not None
+        if self.quantile_init and reduce_grads is not None:
+            raise ValueError("threshold_init_mode='quantile' reads one rank's batch; use 'fixed' with data-parallel "
+                             "training")
         self.sae = sae
         self.recipe = recipe
         self.sparsity_coefficient = float(sparsity_coefficient)
@@ -102,6 +109,11 @@ class SAETrainer:
         self.tokens_seen = 0
         self.log_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
         self.final_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        #: sums over the ``final_steps`` steps right after the λ warm-up: the L0 that λ at full
+        #: strength started from (:func:`saescope.train.l0_check.l0_warnings` compares it with the end)
+        self.response_sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        warmup = recipe.target_l0_warmup_steps if self.target_l0 is not None else recipe.sparsity_warmup_steps
+        self.response_window = (warmup, warmup + final_steps)
         self._last_step = -1
 
     # --- one step ----------------------------------------------------------------------------
@@ -115,12 +127,14 @@ class SAETrainer:
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
         x_BD = self.input_norm.apply(x_BD) if self.input_norm is not None else x_BD / self.input_scale
         lr = recipe.lr_at(step, self.n_steps)
-        coefficient = self.sparsity_coefficient * recipe.sparsity_factor_at(step)
+        coefficient = self.sparsity_coefficient * recipe.sparsity_factor_at(step, self.target_l0 is not None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if step == 0 and self.recipe.b_dec_init == "mean":
             with torch.no_grad():
                 self.sae.b_dec.copy_(x_BD.mean(dim=0))
+        if step == 0 and self.quantile_init:
+            sae.init_threshold_at_l0_(x_BD, self.target_l0, recipe.threshold_min)
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=recipe.dtype == "bfloat16"):
             out = sae.loss(x_BD, coefficient)
@@ -185,6 +199,8 @@ class SAETrainer:
         self.log_sums += step_sums
         if step >= self.n_steps - self.final_steps:
             self.final_sums += step_sums
+        if self.response_window[0] <= step < self.response_window[1]:
+            self.response_sums += step_sums
         self.tokens_seen += B
         self.sae.update_dead_(out.fired_F, B)  # the SAE's counter is the only one (SAE.tokens_since_fired_F)
         return step_sums
@@ -212,7 +228,9 @@ class SAETrainer:
             if named["rows"] > 0 else float("nan"),
             "dead_fraction": named["dead_fraction"],
             "lr": self.recipe.lr_at(step, self.n_steps),
-            "sparsity_coefficient": self.sparsity_coefficient * self.recipe.sparsity_factor_at(step),
+            "sparsity_coefficient": self.sparsity_coefficient * self.recipe.sparsity_factor_at(step, self.target_l0
+                                                                                                 is not None),
+            **({"target_l0": self.target_l0} if self.target_l0 is not None else {}),
         }
 
     def pop_metrics(self) -> dict[str, float]:
@@ -223,9 +241,15 @@ class SAETrainer:
         return metrics
 
     def final_metrics(self) -> dict[str, float]:
-        """Averages over the run's last ``final_steps`` steps."""
+        """Averages over the run's last ``final_steps`` steps; ``l0_after_warmup``: the mean L0
+        of the ``final_steps`` steps right after the λ warm-up (absent when the run ended first
+        or those steps overlap the last ones)."""
         metrics = self._as_metrics(self.final_sums, self._last_step)
         metrics["steps_averaged"] = float(self.final_sums[0])
+        lo, hi = self.response_window
+        if hi <= self.n_steps - self.final_steps and float(self.response_sums[0]) > 0:
+            metrics["l0_after_warmup"] = float(self.response_sums[3] / self.response_sums[0])
+            metrics["l0_after_warmup_steps"] = [lo, hi]
         return metrics
 
     # --- checkpoint state --------------------------------------------------------------------
@@ -242,6 +266,7 @@ class SAETrainer:
                 tensors[f"adam.{names[param]}.{key}"] = value.reshape(-1) if value.ndim == 0 else value
         tensors["log_sums"] = self.log_sums
         tensors["final_sums"] = self.final_sums
+        tensors["response_sums"] = self.response_sums
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def state_meta(self) -> dict:
@@ -269,6 +294,8 @@ class SAETrainer:
                 self.optimizer.state[param][skey] = value.to(param.device)
         self.log_sums = tensors["log_sums"].to(self.device)
         self.final_sums = tensors["final_sums"].to(self.device)
+        if "response_sums" in tensors:  # (checkpoints written before it existed lack it)
+            self.response_sums = tensors["response_sums"].to(self.device)
         self.tokens_seen = int(meta["tokens_seen"])
         self.error = meta["error"]
         self._last_step = int(meta["last_step"])

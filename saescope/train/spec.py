@@ -14,7 +14,12 @@ from saescope.release.layout import width_label
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
-K_ARCHITECTURES = frozenset({"topk", "batchtopk"})
+K_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka_batchtopk"})
+#: architectures trained with JumpReLU's objective: they take a target L0 (Gemma Scope 2's
+#: quadratic) and the frequency penalty
+JUMPRELU_FAMILY = frozenset({"jumprelu", "matryoshka_jumprelu"})
+#: architectures made of nested dictionaries (they take ``prefixes``)
+MATRYOSHKA = frozenset({"matryoshka_jumprelu", "matryoshka_batchtopk"})
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,9 @@ class SAESpec:
 
     JumpReLU and ReLU take a ``sparsity_coefficient`` (λ; the L0 or L1 weight); TopK and
     BatchTopK take ``k``.  ``seed`` fixes the initialisation: two specs that differ only in λ
-    start from the same weights, which makes a λ sweep a clean comparison.
+    start from the same weights, which makes a λ sweep a clean comparison.  The JumpReLU family
+    may also take a ``target_l0`` (Gemma Scope 2: λ then weighs (‖f‖₀ − L*)² instead of ‖f‖₀);
+    Matryoshka architectures take their nested widths ``prefixes`` (``()``: d_sae/16, d_sae/4).
     """
 
     site: Site
@@ -32,6 +39,8 @@ class SAESpec:
     sparsity_coefficient: float | None = None
     k: int | None = None
     seed: int = 0
+    target_l0: float | None = None
+    prefixes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.site, str):
@@ -51,11 +60,27 @@ class SAESpec:
                     f"{self.architecture} SAE on {self.site} needs a sparsity coefficient >= 0, "
                     f"got {self.sparsity_coefficient}"
                 )
+        if self.target_l0 is not None:
+            if self.architecture not in JUMPRELU_FAMILY:
+                raise ValueError(f"a target L0 is for the JumpReLU family ({', '.join(sorted(JUMPRELU_FAMILY))}), "
+                                 f"not {self.architecture}" + (" (set k instead)" if self.architecture in K_ARCHITECTURES
+                                                               else ""))
+            if not 0 < self.target_l0 <= self.d_sae:
+                raise ValueError(f"target L0 {self.target_l0:g} for {self.site} must lie in (0, d_sae = {self.d_sae}]")
+        if self.architecture in MATRYOSHKA:
+            from saescope.sae.prefixes import check_prefixes
+
+            object.__setattr__(self, "prefixes", check_prefixes(self.prefixes, self.d_sae))
+        elif self.prefixes:
+            raise ValueError(f"prefixes are for Matryoshka architectures ({', '.join(sorted(MATRYOSHKA))}), "
+                             f"not {self.architecture}")
 
     @property
     def sparsity_label(self) -> str:
         if self.architecture in K_ARCHITECTURES:
             return f"k{self.k}"
+        if self.target_l0 is not None:
+            return f"l0target{self.target_l0:g}"
         return f"lambda{self.sparsity_coefficient:g}"
 
     @property
@@ -74,11 +99,14 @@ class SAESpec:
             "sparsity_coefficient": self.sparsity_coefficient,
             "k": self.k,
             "seed": self.seed,
+            # only when set, so that the identity of runs without them is what it always was
+            **({"target_l0": self.target_l0} if self.target_l0 is not None else {}),
+            **({"prefixes": list(self.prefixes)} if self.prefixes else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAESpec:
-        return cls(**d)
+        return cls(**{**d, **({"prefixes": tuple(d["prefixes"])} if "prefixes" in d else {})})
 
 
 def sweep(
@@ -88,21 +116,45 @@ def sweep(
     architecture: str = "jumprelu",
     sparsity_coefficients: Iterable[float] = (),
     ks: Iterable[int] = (),
+    target_l0s: Iterable[float] = (),
+    prefixes: Iterable[int] = (),
     seed: int = 0,
 ) -> list[SAESpec]:
-    """Every site × width × (λ or k) for one architecture, in a stable order."""
-    values = list(ks) if architecture in K_ARCHITECTURES else list(sparsity_coefficients)
+    """Every site × width × (λ, k or target L0) for one architecture, in a stable order.
+
+    With ``target_l0s`` (JumpReLU family) there is one SAE per target, each with the one λ of
+    ``sparsity_coefficients`` as the quadratic's weight."""
+    targets = [float(t) for t in target_l0s]
+    coefficients = [float(c) for c in sparsity_coefficients]
+    prefixes = tuple(prefixes)
+    if targets:
+        if architecture not in JUMPRELU_FAMILY:
+            hint = " (use k: it is the L0)" if architecture in K_ARCHITECTURES else ""
+            raise ValueError(f"a target L0 is for the JumpReLU family ({', '.join(sorted(JUMPRELU_FAMILY))}), "
+                             f"not {architecture}{hint}")
+        if len(coefficients) != 1:
+            raise ValueError(f"a target-L0 sweep takes exactly one sparsity coefficient (the quadratic's λ), "
+                             f"got {len(coefficients)}")
+    values = list(ks) if architecture in K_ARCHITECTURES else (targets or coefficients)
     if not values:
-        what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients"
+        what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients or target L0s"
         raise ValueError(f"a {architecture} sweep needs at least one of its {what}")
+    extra = {"prefixes": prefixes} if architecture in MATRYOSHKA else {}
+    if prefixes and not extra:
+        raise ValueError(f"prefixes are for Matryoshka architectures ({', '.join(sorted(MATRYOSHKA))}), "
+                         f"not {architecture}")
     specs = []
     for site in sites:
         for width in widths:
             for value in values:
                 if architecture in K_ARCHITECTURES:
-                    specs.append(SAESpec(site, architecture, width, k=int(value), seed=seed))
+                    specs.append(SAESpec(site, architecture, width, k=int(value), seed=seed, **extra))
+                elif targets:
+                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=coefficients[0],
+                                         target_l0=float(value), seed=seed, **extra))
                 else:
-                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=float(value), seed=seed))
+                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=float(value), seed=seed,
+                                         **extra))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

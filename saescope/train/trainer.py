@@ -216,6 +216,13 @@ class Trainer:
         if self.n_steps < 1:
             raise ValueError(f"a run needs at least one step, got n_steps={self.n_steps}")
         self.recipe = recipe if recipe is not None else Recipe.for_steps(self.n_steps)
+        if self.recipe.max_frequency is not None:
+            from saescope.train.spec import JUMPRELU_FAMILY
+
+            others = sorted({s.architecture for s in specs} - JUMPRELU_FAMILY)
+            if others:
+                raise ValueError(f"the frequency penalty (max_frequency) acts on JumpReLU thresholds; "
+                                 f"{', '.join(others)} SAEs cannot take it")
         self.options = options or TrainOptions()
         self.plan = plan or TrainPlan()
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
@@ -258,6 +265,11 @@ class Trainer:
             bandwidth=self.recipe.bandwidth,
             threshold_init=self.recipe.threshold_init,
             dead_tokens=self.recipe.dead_window_tokens,  # TopK's AuxK: one notion of "dead"
+            target_l0=spec.target_l0,
+            prefixes=spec.prefixes,
+            max_frequency=self.recipe.max_frequency,
+            frequency_coefficient=self.recipe.frequency_coefficient,
+            frequency_window=max(1, self.recipe.frequency_window_tokens // self.rows_per_step),
             metadata={"model": self.model_name, "site": spec.site.name},
         )
         # Initialise on the CPU from the spec's seed alone, so the same spec starts from the same
