@@ -185,7 +185,7 @@ class TrainSettings:
     #: share of tokens, e.g. 0.1 (none: off)
     max_frequency: float | None = field(default=None, metadata={"parse": optional(fraction)})
     #: weight of the frequency penalty relative to λ
-    frequency_coefficient: float = field(default=10.0, metadata={"parse": at_least(0, finite)})
+    frequency_coefficient: float = field(default=1.0, metadata={"parse": at_least(0, finite)})
     #: JumpReLU θ at step 0: fixed (θ₀ = 0.001, the paper) or quantile (target-L0 SAEs fire L* per
     #: token from step 0: θ from the first batch's pre-activation quantiles)
     threshold_init_mode: str = field(default="fixed", metadata={"flag": "threshold_init",

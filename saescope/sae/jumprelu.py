@@ -9,9 +9,9 @@ the whole, latent-sharded, Matryoshka SAEs and transcoders get them alike):
 
 * ``target_l0`` L*: the sparsity term becomes λ·(2/L*)·mean_b (‖f_b‖₀ − L*)², per token;
 * ``max_frequency`` τ: a penalty on latents whose running firing frequency p̂_i exceeds τ,
-  β·λ·Σ_i w_i·p_i with w_i = max(0, p̂_i − τ)/τ held constant and p_i the batch's firing
-  frequency (its θ-gradient by the same pseudo-derivative): an extra L0 weight β·λ·w_i on exactly
-  the latents above τ, growing with how far above (docs/gemma-scope-2.md has the reasons).
+  β·λ·Σ_i 1[p̂_i > τ]·p_i with p_i the batch's firing frequency: each firing of a latent above τ
+  costs β·λ more.  Its gradient reaches θ by the pseudo-derivative and, unlike the L0's, π too
+  (straight through the kernel), so b_enc cannot simply follow θ up (docs/gemma-scope-2.md).
 
 θ is trained directly, not as log θ: under Adam a log-parameterised θ moves by ~lr·θ per step
 and barely leaves its initial 0.001 (SAELens #494/#718).  θ must stay positive (at θ ≤ 0 the
@@ -43,7 +43,7 @@ class JumpReLUConfig(SAEConfig):
     #: training only: τ, the firing frequency above which a latent is penalised (None: no penalty)
     max_frequency: float | None = None
     #: training only: β, the frequency penalty's weight relative to λ
-    frequency_coefficient: float = 10.0
+    frequency_coefficient: float = 1.0
     #: training only: the running frequency p̂ averages over about this many batches
     frequency_window: int = 8
 
@@ -166,9 +166,10 @@ def quadratic_l0_penalty(l0_B: torch.Tensor, target_l0: float, coefficient: floa
 
 def frequency_penalty(fired_F: torch.Tensor, n_tokens: int, frequency_F: torch.Tensor, max_frequency: float,
                       coefficient: float) -> torch.Tensor:
-    """coefficient·Σ_i w_i·(c_i/B) with w_i = max(0, p̂_i − τ)/τ held constant: zero for latents
-    whose running frequency p̂_i is at most τ; ``fired_F`` (c_i) carries θ's pseudo-gradient, so
-    ∂/∂θ_i = −coefficient·w_i·(tokens in θ_i's window)/(ε·B)."""
+    """coefficient·Σ_i w_i·(c_i/B) with w_i = 1[p̂_i > τ] held constant: zero for latents whose
+    running frequency p̂_i is at most τ; ``fired_F`` (c_i) carries θ's pseudo-gradient, so
+    ∂/∂θ_i = −coefficient·w_i·(tokens in θ_i's window)/(ε·B) (and, straight through, the same with
+    the opposite sign on π)."""
     weight_F = (frequency_F > max_frequency).to(fired_F.dtype)
     return coefficient * (weight_F.to(fired_F) * fired_F).sum() / n_tokens
 

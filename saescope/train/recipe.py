@@ -88,7 +88,7 @@ class Recipe:
     #: τ: latents whose running firing frequency exceeds this are penalised (None: no penalty)
     max_frequency: float | None = None
     #: β: the penalty's weight relative to λ (a latent at frequency 2τ gets an extra L0 weight β·λ)
-    frequency_coefficient: float = 10.0
+    frequency_coefficient: float = 1.0
     #: the running firing frequency averages over about this many tokens (whole batches); keep it
     #: short: a lagging estimate keeps pushing a latent long after it fell below τ (measured: a
     #: 131k-token window on a 262k-token run left L0 at half its target and as many latents above τ)
