@@ -133,8 +133,8 @@ def sweep(
             raise ValueError(f"a target L0 is for the JumpReLU family ({', '.join(sorted(JUMPRELU_FAMILY))}), "
                              f"not {architecture}{hint}")
         if len(coefficients) != 1:
-            raise ValueError(f"a target-L0 sweep takes exactly one sparsity coefficient (the quadratic's λ), "
-                             f"got {len(coefficients)}")
+            raise ValueError(f"a target-L0 sweep takes exactly one sparsity coefficient, the quadratic's λ "
+                             f"(--l0-coefficients; 0.01 on CPU: docs/gemma-scope-2.md), got {len(coefficients)}")
     values = list(ks) if architecture in K_ARCHITECTURES else (targets or coefficients)
     if not values:
         what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients or target L0s"
