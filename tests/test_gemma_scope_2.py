@@ -359,3 +359,29 @@ def test_matryoshka_release_reports_every_prefix_in_eval(tmp_path):
     small, mid = eval_section["prefixes"]["8"], eval_section["prefixes"]["32"]
     assert small["d_sae"] == 8 and small["l0"] <= mid["l0"] <= eval_section["l0"]
     assert all(math.isfinite(p["fvu"]) and math.isfinite(p["delta_loss"]) for p in (small, mid))
+
+
+def test_target_l0_frequency_and_matryoshka_resume_bit_identically(tmp_path):
+    """The running frequency p̂ and the post-warm-up L0 sums are checkpointed with the weights."""
+    from test_trainer import RECIPE, RESID, KillAt, make_data, trainer
+
+    from saescope.activations.source import InMemorySource
+    from saescope.train.spec import SAESpec
+
+    specs = [SAESpec(RESID, "jumprelu", 64, sparsity_coefficient=1e-2, target_l0=6),
+             SAESpec(RESID, "matryoshka_jumprelu", 64, sparsity_coefficient=1e-2, target_l0=6, prefixes=(8, 32))]
+    recipe = RECIPE.replace(threshold_init_mode="quantile", max_frequency=0.2, frequency_window_tokens=64)
+    source = InMemorySource(make_data())
+    kw = {"specs": specs, "build_sae": None, "recipe": recipe}
+    reference = trainer(source, tmp_path / "straight", **kw)
+    reference.fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(KillAt(source, 6), tmp_path / "killed", **kw).fit()
+    resumed = trainer(source, tmp_path / "killed", **kw)
+    resumed.fit()
+    for a, b in zip(reference.trainers, resumed.trainers):
+        state = a.sae.state_dict()
+        assert "frequency_F" in state and int(state["frequency_batches"]) == 12
+        for key, value in state.items():
+            assert torch.equal(value, b.sae.state_dict()[key]), f"{a.name}: {key} differs after resume"
+        assert torch.equal(a.response_sums, b.response_sums)

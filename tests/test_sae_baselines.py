@@ -60,7 +60,8 @@ def test_every_architecture_round_trips_its_own_config_and_builds(architecture):
     # the old flat call and the old flat config.json give the architecture's own config
     flat = {"d_in": 8, "d_sae": 32, "architecture": architecture, "centre_input": True, "k": 3, "bandwidth": 0.01,
             "threshold_init": 0.02, "aux_k": 5, "aux_coefficient": 1 / 32, "dead_tokens": 100, "metadata": {},
-            "a_later_option": 1}
+            "target_l0": None, "max_frequency": None, "frequency_coefficient": 1.0, "frequency_window": 8,
+            "prefixes": (), "a_later_option": 1}
     assert type(SAEConfig.from_dict(flat)) is own
     flat.pop("a_later_option")
     assert type(SAEConfig(**flat)) is own and SAEConfig(**flat).to_dict().keys() <= flat.keys()

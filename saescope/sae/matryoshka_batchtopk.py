@@ -24,12 +24,14 @@ class MatryoshkaBatchTopKConfig(TopKConfig):
     architecture: str = "matryoshka_batchtopk"
     prefixes: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        self.prefixes = check_prefixes(self.prefixes, self.d_sae)  # (config.json gives a list)
+
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
 
     def __init__(self, cfg: MatryoshkaBatchTopKConfig):
-        cfg.prefixes = check_prefixes(cfg.prefixes, cfg.d_sae)
         super().__init__(cfg)
 
     @property

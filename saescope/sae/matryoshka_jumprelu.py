@@ -36,12 +36,14 @@ class MatryoshkaJumpReLUConfig(JumpReLUConfig):
     architecture: str = "matryoshka_jumprelu"
     prefixes: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        self.prefixes = check_prefixes(self.prefixes, self.d_sae)  # (config.json gives a list)
+
 
 class MatryoshkaJumpReLUSAE(JumpReLUSAE):
     architecture = "matryoshka_jumprelu"
 
     def __init__(self, cfg: MatryoshkaJumpReLUConfig, step_path: str = "auto"):
-        cfg.prefixes = check_prefixes(cfg.prefixes, cfg.d_sae)
         super().__init__(cfg, step_path=step_path)
 
     @property
