@@ -205,7 +205,8 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
                   sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, seed=cfg.seed)
     recipe = Recipe.for_steps(cfg.n_steps, **cfg.recipe_overrides(),
                               scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
-    options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress)
+    options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress,
+                           release_layout=cfg.layout)
     trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, data_seed=cfg.seed, model_name=cfg.model,
                       options=options)
     results = trainer.fit()

@@ -137,6 +137,9 @@ def overrides(cls, args) -> dict[str, Any]:
 #: usage errors need no torch import
 SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
 
+#: how a release names and writes its folders (saescope.release.gemma_scope_2 has the second)
+RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
+
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
                  "adam_beta1")
@@ -184,6 +187,9 @@ class TrainSettings:
     device: str = "auto"
     #: steps between checkpoints; changes no result
     checkpoint_every: int = field(default=1_000, metadata={"parse": positive_int})
+    #: release folders: saescope (<kind>/layer_L/width_W/average_l0_K) or gemma-scope-2
+    #: (<site>/layer_L_width_W_l0_small|medium|big[_affine], lowercase keys)
+    layout: str = field(default="saescope", metadata={"choices": RELEASE_LAYOUTS})
 
     def recipe_overrides(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RECIPE_FIELDS}

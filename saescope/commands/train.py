@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                   ks=s.ks, seed=s.seed)
     options = TrainOptions(device=str(device), checkpoint_every=s.checkpoint_every, log_every=args.log_every,
                            loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, release_layout=s.layout)
     kwargs = dict(data_seed=s.seed, model_name=model_name, options=options)
     if env is not None:
         return _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs)

@@ -62,10 +62,12 @@ def read_arrays(file: Path) -> dict[str, np.ndarray]:
 
 
 def standard_names(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """SAELens's conventions: lowercase ``w_enc``/``w_dec`` keys; an optional per-latent
+    """SAELens's and Gemma Scope 2's conventions: lowercase ``w_enc``/``w_dec`` keys, Gemma Scope
+    2's ``affine_skip_connection`` (our ``W_skip``, the same (d_in, d_out) orientation); an optional per-latent
     ``scaling_factor`` (all ones is dropped; otherwise folded into the decoder rows, which is
     exact: (f·s)·W_dec = f·(s·W_dec))."""
-    arrays = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in raw.items()}
+    arrays = {("W_" + k[2:] if k.startswith("w_") else "W_skip" if k == "affine_skip_connection" else k): v
+              for k, v in raw.items()}
     if len(arrays) != len(raw):
         raise ValueError(f"{file}: holds both lowercase and uppercase copies of a weight ({', '.join(sorted(raw))})")
     scale = arrays.pop("scaling_factor", None)

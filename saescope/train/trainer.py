@@ -35,6 +35,7 @@ from saescope.corpora import canonical_name
 from saescope.locks import folder_lock
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sae.input_norm import InputNorm
+from saescope.settings import RELEASE_LAYOUTS
 from saescope.sites import Site
 from saescope.train.checkpoint import CheckpointDir
 from saescope.train.plan import TrainPlan
@@ -59,10 +60,15 @@ class TrainOptions:
     loggers: tuple[str, ...] = ()
     #: show a progress bar
     progress: bool = True
+    #: how the release names and writes its folders: "saescope" (ours, Gemma Scope 1's tail) or
+    #: "gemma-scope-2" (:mod:`saescope.release.gemma_scope_2`)
+    release_layout: str = "saescope"
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.release_layout not in RELEASE_LAYOUTS:
+            raise ValueError(f"unknown release layout {self.release_layout!r}; use one of {', '.join(RELEASE_LAYOUTS)}")
         check_loggers(tuple(self.loggers))
 
 
