@@ -134,8 +134,13 @@ def overrides(cls, args) -> dict[str, Any]:
 
 
 #: the site kinds (saescope.sites documents them); here, torch-free, so ``--kind`` choices and
-#: usage errors need no torch import
+#: usage errors need no torch import.  SITE_KINDS: Gemma Scope's three SAE sites per layer (what
+#: the selection ``all`` means); KNOWN_KINDS adds ``mlp_in`` (the MLP's input, after the pre-MLP
+#: norm) and ``transcoder`` (a pair site: it reads ``mlp_in`` and predicts ``mlp_out``)
 SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+KNOWN_KINDS: tuple[str, ...] = SITE_KINDS + ("mlp_in", "transcoder")
+#: pair kinds -> (the kind read, the kind predicted), both at the pair's layer
+PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
 
 #: how a release names and writes its folders (saescope.release.gemma_scope_2 has the second)
 RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
@@ -151,8 +156,11 @@ class TrainSettings:
 
     #: site selection, e.g. 'all', 'resid_post@0-5', 'layer_12/attn_z'
     sites: str = "all"
-    #: SAE architecture: jumprelu, relu, topk or batchtopk
+    #: SAE architecture: jumprelu, relu, topk or batchtopk (transcoder sites: jumprelu or batchtopk,
+    #: trained as jumprelu_transcoder / batchtopk_transcoder)
     architecture: str = field(default="jumprelu", metadata={"flag": "arch"})
+    #: transcoder sites: train skip (affine) transcoders, prediction f·W_dec + b_dec + x·W_skip
+    skip_connection: bool = False
     #: SAE widths, e.g. 4096,16k
     widths: tuple[int, ...] = field(default=(16_384,), metadata={"parse": listing(width)})
     #: λ sweep (jumprelu, relu): several L0s per site

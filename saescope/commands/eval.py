@@ -20,7 +20,7 @@ from saescope.commands import at_least, positive_int as _int
 
 
 def add_parser(subparsers) -> None:
-    from saescope.settings import SITE_KINDS
+    from saescope.settings import KNOWN_KINDS
 
     p = subparsers.add_parser(
         "eval",
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokens", type=_int, default=16384, help="evaluation tokens (default 16384)")
     p.add_argument("--seq-len", type=at_least(2), default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--kind", choices=SITE_KINDS, help="site kind, for folders whose config and path do not say it")
+    p.add_argument("--kind", choices=KNOWN_KINDS, help="site kind, for folders whose config and path do not say it")
     p.add_argument("--batch-seqs", type=_int, default=None, help="sequences per forward (default: automatic)")
     p.add_argument("--loss-tokens", type=_int, default=None,
                    help="next-token-loss metrics (delta loss, KL) on sequences holding about this many "

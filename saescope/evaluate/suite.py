@@ -203,7 +203,8 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
 
 def _sae_metrics(site: Site, sae: SAE, t: Accumulators, zero_subset: M.LossStats, zero_position: M.LossStats,
                  subsets: list[str], bins: list[tuple[int, int]]) -> dict:
-    out: dict = {"site": site.name, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
+    out: dict = {"site": site.name, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                 **({"d_out": sae.cfg.d_out} if sae.is_transcoder else {})}
     out.update(t.recon_subset.summary())
     out.update(M.loss_metrics(t.loss_subset.means(merged=True)[0], zero_subset.means(merged=True)[0]))
 

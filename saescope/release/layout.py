@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from saescope.sites import SITE_KINDS, Site
+from saescope.sites import KNOWN_KINDS, Site
 
 PARAMS_NPZ = "params.npz"
 PARAMS_SAFETENSORS = "params.safetensors"
@@ -140,7 +140,7 @@ def folder_site(folder: Path, config: dict | None = None, kind: str | None = Non
     if name and kind is None:
         return Site.parse(name)
     gs2 = GS2_FOLDER.search(folder.resolve().as_posix())
-    if gs2 and GS2_KINDS[gs2.group(1)] in SITE_KINDS:
+    if gs2 and GS2_KINDS[gs2.group(1)] in KNOWN_KINDS:
         return Site(int(gs2.group(3)), kind or GS2_KINDS[gs2.group(1)])
     layer = path_kind = None
     for part in reversed(folder.resolve().parts):
@@ -148,7 +148,7 @@ def folder_site(folder: Path, config: dict | None = None, kind: str | None = Non
         if m and layer is None:
             layer = int(m.group(1))
         if path_kind is None:
-            if part in SITE_KINDS:
+            if part in KNOWN_KINDS:
                 path_kind = part
             elif repo := GEMMA_SCOPE_REPO.search(part):
                 path_kind = GEMMA_SCOPE_KINDS[repo.group(3)]
@@ -158,7 +158,7 @@ def folder_site(folder: Path, config: dict | None = None, kind: str | None = Non
     if layer is None or kind is None:
         raise ValueError(
             f"cannot tell the site of {folder}: its config.json has no 'site' and the path does not "
-            f"name both a 'layer_<L>' folder and a kind ({', '.join(SITE_KINDS)}); pass the kind explicitly"
+            f"name both a 'layer_<L>' folder and a kind ({', '.join(KNOWN_KINDS)}); pass the kind explicitly"
         )
     return Site(layer, kind)
 

@@ -147,7 +147,11 @@ def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
         raise ValueError(f"{folder}: the path says width_{config['width']}, but the arrays have d_sae = {d_sae}")
 
     saved = config["sae_config"] if isinstance(config.get("sae_config"), dict) else {}
-    cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "d_sae": d_sae, "architecture": architecture, "centre_input": False,
+    d_out = int(arrays["W_dec"].shape[1])
+    if config.get("d_out", d_out) != d_out:
+        raise ValueError(f"{folder}: config says d_out = {config['d_out']}, but the arrays have d_out = {d_out}")
+    cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "d_sae": d_sae, "d_out": d_out, "architecture": architecture,
+                               "centre_input": False,
                                **({"k": int(config["k"])} if config.get("k") is not None else {})})
     with torch.random.fork_rng(devices=[]):  # initialisation is overwritten; keep the caller's RNG
         sae = build_sae(cfg)

@@ -66,6 +66,9 @@ def is_saelens_folder(path: Path) -> bool:
 def saelens_config(sae: SAE, site: Site, config: dict[str, Any]) -> dict[str, Any]:
     """The ``cfg.json`` SAELens 6.x reads, for a release-form ``sae`` at ``site``."""
     architecture = TO_SAELENS.get(sae.architecture)
+    if sae.is_transcoder:
+        raise ValueError(f"the SAELens export does not write transcoders yet ({sae.architecture} at {site}); "
+                         "their release folders (params.npz, config.json) load with saescope.load_sae")
     if architecture is None:
         raise ValueError(f"SAELens has no architecture for saescope's {sae.architecture!r}")
     provenance = {k: v for k, v in config.items() if k not in ("recipe", "sae_config", "input_map")}

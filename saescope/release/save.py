@@ -3,7 +3,9 @@
 records the trainer's figures as the ``training`` section of its ``metrics.json``.
 
 A folder holds ``params.npz`` — ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``
-(d_sae), ``b_dec`` (d_in) and, for JumpReLU / BatchTopK, ``threshold`` (d_sae); float32, in raw
+(d_sae), ``b_dec`` (d_in) and, for JumpReLU / BatchTopK, ``threshold`` (d_sae) — a transcoder's
+``W_dec`` is (d_sae, d_out), its ``b_dec`` (d_out), a skip transcoder adds ``W_skip`` (d_in,
+d_out); float32, in raw
 activation units (no b_dec subtracted before the encoder), the arrays Gemma Scope released —
 ``params.safetensors`` (the same arrays), ``config.json`` (d_in, d_sae, architecture, k and what
 the trainer records: model, site, λ, tokens seen, C, recipe and the full ``sae_config``) and
@@ -61,7 +63,8 @@ def save_sae(sae: SAE, folder: str | Path, *, config: dict[str, Any], metrics: d
     bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
     if bad:
         raise ValueError(f"refusing to release an SAE with non-finite values in {', '.join(bad)}")
-    own = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.architecture, "k": getattr(sae.cfg, "k", None)}
+    own = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.architecture, "k": getattr(sae.cfg, "k", None),
+           **({"d_out": sae.cfg.d_out} if sae.is_transcoder else {})}
     for key, value in own.items():
         if config.get(key, value) != value:
             raise ValueError(f"config[{key!r}] = {config[key]!r} contradicts the SAE's {key} = {value!r}")
@@ -174,7 +177,11 @@ def _release_trained(results, root: Path, model_name, recipe, batch_size: int, w
             summary.append({**entry, "status": "trained", "metrics": metrics})
             continue
         sae = copy.deepcopy(r.sae).to("cpu").eval()
-        sae.fold_input_norm(r.norm if r.norm is not None else InputNorm.from_scale(r.scale, sae.cfg.d_in))
+        norm = r.norm if r.norm is not None else InputNorm.from_scale(r.scale, sae.cfg.d_in)
+        if sae.is_transcoder:  # input and target maps, both folded
+            sae.fold_io_norms(norm, r.target_norm)
+        else:
+            sae.fold_input_norm(norm)
         if hasattr(sae, "to_jumprelu"):  # BatchTopK: its inference code is a JumpReLU
             sae = sae.to_jumprelu()
         target_l0 = getattr(spec, "target_l0", None)
@@ -201,6 +208,7 @@ def _release_trained(results, root: Path, model_name, recipe, batch_size: int, w
             "tokens_seen": r.tokens_seen,
             "input_scale": r.scale if r.norm is None or r.norm.mode == "scalar" else None,
             "input_norm": r.norm.mode if r.norm is not None else "scalar",
+            **(_transcoder_config(spec.site, sae, r.target_norm) if sae.is_transcoder else {}),
             "recipe": recipe,
             "sae_config": sae.cfg.to_dict(),
         }
@@ -208,3 +216,14 @@ def _release_trained(results, root: Path, model_name, recipe, batch_size: int, w
         folders.append(written)
         summary.append({**entry, "status": "released", "folder": str(written), "metrics": metrics})
     return folders, summary
+
+
+def _transcoder_config(site, sae: SAE, target_norm: InputNorm) -> dict[str, Any]:
+    """What a transcoder's config.json adds: its output width, the sites it reads and predicts
+    (saescope's hook points) and its target's scale."""
+    from saescope.sites import io_sites
+
+    x_site, y_site = io_sites(site)
+    return {"d_out": sae.cfg.d_out, "input_site": x_site.name, "target_site": y_site.name,
+            "skip_connection": bool(sae.skip),
+            "target_scale": target_norm.scalar if target_norm.mode == "scalar" else None}

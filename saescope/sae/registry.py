@@ -9,6 +9,16 @@ from saescope.sae.batchtopk import BatchTopKSAE
 from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saescope.sae.relu import ReLUSAE
 from saescope.sae.topk import TopKConfig, TopKSAE
+from saescope.sae.transcoder import (
+    BatchTopKSkipTranscoder,
+    BatchTopKSkipTranscoderConfig,
+    BatchTopKTranscoder,
+    BatchTopKTranscoderConfig,
+    JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
+)
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
 
@@ -24,6 +34,10 @@ register("jumprelu", JumpReLUSAE, JumpReLUConfig)
 register("topk", TopKSAE, TopKConfig)
 register("batchtopk", BatchTopKSAE, TopKConfig)  # the same options as TopK
 register("relu", ReLUSAE)
+register("jumprelu_transcoder", JumpReLUTranscoder, JumpReLUTranscoderConfig)
+register("jumprelu_skip_transcoder", JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)
+register("batchtopk_transcoder", BatchTopKTranscoder, BatchTopKTranscoderConfig)
+register("batchtopk_skip_transcoder", BatchTopKSkipTranscoder, BatchTopKSkipTranscoderConfig)
 
 
 def build_sae(cfg: SAEConfig) -> SAE:

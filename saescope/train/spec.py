@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from saescope.release.layout import width_label
+from saescope.sae.transcoder import TRANSCODER_ARCHITECTURES, transcoder_architecture
+from saescope.settings import PAIR_KINDS
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
-K_ARCHITECTURES = frozenset({"topk", "batchtopk"})
+K_ARCHITECTURES = frozenset({"topk", "batchtopk", *TRANSCODER_ARCHITECTURES["batchtopk"]})
+#: the architectures of transcoder sites
+TRANSCODERS = frozenset(a for pair in TRANSCODER_ARCHITECTURES.values() for a in pair)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class SAESpec:
             raise ValueError(f"SAESpec.site must be a Site or a site name, got {self.site!r}")
         if self.d_sae < 1:
             raise ValueError(f"d_sae must be >= 1, got {self.d_sae}")
+        if (self.architecture in TRANSCODERS) != (self.site.kind in PAIR_KINDS):
+            raise ValueError(f"{self.architecture} at {self.site}: transcoder architectures "
+                             f"({', '.join(sorted(TRANSCODERS))}) train at transcoder sites, and only they do")
         if self.architecture in K_ARCHITECTURES:
             if self.k is None or self.k < 1:
                 raise ValueError(f"{self.architecture} SAE on {self.site} needs k >= 1, got {self.k}")
@@ -89,20 +96,27 @@ def sweep(
     sparsity_coefficients: Iterable[float] = (),
     ks: Iterable[int] = (),
     seed: int = 0,
+    skip_connection: bool = False,
 ) -> list[SAESpec]:
-    """Every site × width × (λ or k) for one architecture, in a stable order."""
+    """Every site × width × (λ or k) for one architecture, in a stable order.  At transcoder sites
+    the architecture becomes its transcoder (``jumprelu`` -> ``jumprelu_transcoder``, or
+    ``jumprelu_skip_transcoder`` with ``skip_connection``; likewise ``batchtopk``)."""
+    sites = list(sites)
+    if any(site.kind in PAIR_KINDS for site in sites):
+        transcoder_architecture(architecture, skip_connection)  # refuses topk and relu at once
     values = list(ks) if architecture in K_ARCHITECTURES else list(sparsity_coefficients)
     if not values:
         what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients"
         raise ValueError(f"a {architecture} sweep needs at least one of its {what}")
     specs = []
     for site in sites:
+        arch = transcoder_architecture(architecture, skip_connection) if site.kind in PAIR_KINDS else architecture
         for width in widths:
             for value in values:
                 if architecture in K_ARCHITECTURES:
-                    specs.append(SAESpec(site, architecture, width, k=int(value), seed=seed))
+                    specs.append(SAESpec(site, arch, width, k=int(value), seed=seed))
                 else:
-                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=float(value), seed=seed))
+                    specs.append(SAESpec(site, arch, width, sparsity_coefficient=float(value), seed=seed))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
