@@ -101,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--arch {s.architecture} takes --k, not --l0-coefficients")
     elif s.ks:
         raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
+    if "transcoder" in s.sites:  # before any model loads: transcoders train as jumprelu or batchtopk
+        from saescope.sae.transcoder import transcoder_architecture
+
+        transcoder_architecture(s.architecture, s.skip_connection)
     if args.store is not None and not args.store.is_dir():
         raise FileNotFoundError(f"no activation store at {args.store}: it does not exist (run saescope harvest first)")
     writable_folder(args.out if args.out is not None else args.store.resolve().parent)
