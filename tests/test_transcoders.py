@@ -379,3 +379,46 @@ def test_cli_harvest_train_eval_report_features_with_transcoders(tmp_path, tiny_
     assert main(["export", "--format", "saelens", str(tmp_path / "plain" / "release"), str(tmp_path / "sl")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "does not write transcoders yet" in err
+
+
+def test_pipeline_runs_transcoders_next_to_saes(tmp_path, tiny_model):
+    """``saescope run --sites transcoder@1,mlp_out@1`` on the quick preset (BatchTopK, diagonal
+    maps): trained, evaluated, canonical per site, in the report and the feature database."""
+    import random
+    import sqlite3
+
+    from saescope.cli import main
+    from test_features_cli import save_word_model
+    from test_features_server import WORDS
+
+    save_word_model(tmp_path / "model", tiny_model)
+    rng = random.Random(1)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choices(WORDS, k=12))}) + "\n" for _ in range(300)))
+    out = tmp_path / "run"
+    argv = ["run", "--preset", "quick", "--model", str(tmp_path / "model"), "--corpus", str(corpus), "--eval-corpus",
+            str(corpus), "--sites", "transcoder@1,mlp_out@1", "--skip-connection", "--widths", "64", "--k", "8",
+            "--tokens", "1024", "--batch-size", "128", "--seq-len", "32", "--eval-tokens", "256",
+            "--eval-loss-tokens", "128", "--feature-tokens", "256", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    canonical = json.loads((out / "release" / "canonical.json").read_text())
+    assert set(canonical) == {"layer_1/mlp_out", "layer_1/transcoder"}
+    config = json.loads((out / "release" / canonical["layer_1/transcoder"] / "config.json").read_text())
+    assert config["architecture"] == "jumprelu_skip_transcoder" and config["input_norm"] == "diagonal"
+    assert "transcoder: reads the MLP's input (mlp_in)" in (out / "report" / "report.html").read_text()
+    with sqlite3.connect(out / "features" / "features.sqlite") as db:
+        assert {r[0] for r in db.execute("SELECT site FROM saes")} == {"layer_1/mlp_out", "layer_1/transcoder"}
+
+
+def test_a_run_folder_older_than_a_setting_resumes_at_its_default(tmp_path):
+    from saescope.pipeline import RunState
+    from saescope.presets import RunConfig
+
+    cfg = RunConfig()
+    RunState(tmp_path, cfg)
+    state = json.loads((tmp_path / "run.json").read_text())
+    del state["config"]["skip_connection"]  # written before the setting existed
+    (tmp_path / "run.json").write_text(json.dumps(state))
+    RunState(tmp_path, cfg)
+    with pytest.raises(ValueError, match="skip_connection"):
+        RunState(tmp_path, cfg.replace(skip_connection=True))

@@ -117,9 +117,12 @@ def _kind_summary(data: ReportData) -> str:
                     f"<td>{_fmt(mean('delta_loss'), '{:.4f}')}</td><td>{_fmt(mean('ce_loss_score'), '{:.3f}')}</td>"
                     f"<td>{_fmt(low('ce_loss_score'), '{:.3f}')}</td><td>{_fmt(mean('fvu_std'), '{:.4f}')}</td>"
                     f"<td>{_fmt(mean('fvu'), '{:.4f}')}</td></tr>")
+    note = ("<p class='note'>transcoder: reads the MLP's input (mlp_in) and predicts its output (mlp_out); its FVU "
+            "is of mlp_out, its Δ loss splices the prediction in place of mlp_out, and CE recovered is against "
+            "zeroing mlp_out.</p>" if "transcoder" in data.kinds else "")
     return ("<table><thead><tr><th>site kind</th><th>sites</th><th>mean L0</th><th>mean Δ loss</th>"
             "<th>mean CE recovered</th><th>worst CE recovered</th><th>mean FVU (per-dim std.)</th>"
-            "<th>mean FVU</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            "<th>mean FVU</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>" + note)
 
 
 def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, *,
