@@ -154,7 +154,8 @@ RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input
 class TrainSettings:
     """What ``saescope train`` and ``saescope run`` share: what to train, for how long, how."""
 
-    #: site selection, e.g. 'all', 'resid_post@0-5', 'layer_12/attn_z'
+    #: site selection, e.g. 'all' (the three SAE kinds), 'resid_post@0-5', 'layer_12/attn_z',
+    #: 'transcoder@0-17' (transcoders: docs/transcoders.md)
     sites: str = "all"
     #: SAE architecture: jumprelu, relu, topk or batchtopk (transcoder sites: jumprelu or batchtopk,
     #: trained as jumprelu_transcoder / batchtopk_transcoder)

@@ -144,8 +144,6 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.for_steps(n_steps, **s.recipe_overrides())
     specs = sweep(sites, s.widths, architecture=s.architecture, sparsity_coefficients=s.sparsity_coefficients,
                   ks=s.ks, seed=s.seed, skip_connection=s.skip_connection)
-    if env is not None and any(spec.architecture.endswith("transcoder") for spec in specs):
-        raise ValueError("transcoders train in one process for now: run saescope train without torchrun")
     options = TrainOptions(device=str(device), checkpoint_every=s.checkpoint_every, log_every=args.log_every,
                            loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),
                            progress=not args.no_progress, release_layout=s.layout)
