@@ -422,3 +422,49 @@ def test_a_run_folder_older_than_a_setting_resumes_at_its_default(tmp_path):
     RunState(tmp_path, cfg)
     with pytest.raises(ValueError, match="skip_connection"):
         RunState(tmp_path, cfg.replace(skip_connection=True))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_gemma_scope_2_transcoder_folders_load_as_our_transcoders(tmp_path, skip):
+    """A Gemma Scope 2 transcoder folder (lowercase keys, affine_skip_connection, config.json or the
+    path alone) loads as a JumpReLU (skip) transcoder that predicts by the published formula."""
+    import numpy as np
+
+    import saescope
+    from test_gemma_scope_2 import assert_predicts, by_the_formula, gs2_arrays, make_folder
+
+    arrays = gs2_arrays(d_in=6, d_sae=1024, d_out=6, skip=skip)
+    name = "transcoder_all/layer_5_width_1k_l0_small" + ("_affine" if skip else "")
+    config = {"architecture": "jump_relu", "model_name": "gemma-v3-270m-pt", "width": "1k", "l0": 18,
+              "affine_connection": skip, "hf_hook_point_in": "model.layers.5.pre_feedforward_layernorm.output",
+              "hf_hook_point_out": "model.layers.5.post_feedforward_layernorm.output"}
+    x = np.random.default_rng(1).normal(size=(40, 6)).astype(np.float32)
+    for with_config in (True, False):
+        folder = make_folder(tmp_path / str(with_config), name, arrays, config if with_config else None)
+        tc = saescope.load_sae(folder)
+        assert tc.is_transcoder and tc.architecture == ("jumprelu_skip_transcoder" if skip else "jumprelu_transcoder")
+        (released,) = saescope.load_release(tmp_path / str(with_config))
+        assert released.site == Site(5, "transcoder")
+        f, y = by_the_formula(arrays, x)
+        with torch.no_grad():
+            assert_predicts(tc(torch.from_numpy(x)).numpy(), y)
+
+
+def test_trained_transcoders_release_in_gemma_scope_2_layout(tmp_path, tiny_model, tiny_corpus):
+    import saescope
+    from saescope.activations.online import OnlineSource
+    from saescope.train.recipe import Recipe
+    from saescope.train.run import train_and_release
+    from saescope.train.spec import sweep
+    from saescope.train.trainer import Trainer, TrainOptions
+
+    source = OnlineSource(tiny_model("gemma3"), tiny_corpus(12, 32), [TC])
+    specs = sweep([TC], [64], architecture="batchtopk", ks=[8], skip_connection=True)
+    trainer = Trainer(source, specs, Recipe.for_steps(4, batch_size=64), tmp_path, n_steps=4,
+                      options=TrainOptions(progress=False, release_layout="gemma-scope-2"))
+    (folder,) = train_and_release(trainer)
+    assert folder.relative_to(tmp_path / "release").as_posix() == "transcoder/layer_1_width_64_l0_small_affine"
+    tc = saescope.load_sae(folder)
+    assert tc.architecture == "jumprelu_skip_transcoder" and tc.cfg.d_out == 48
+    assert json.loads((folder / "config.json").read_text())["hf_hook_point_out"] == \
+        "model.layers.1.post_feedforward_layernorm.output"
