@@ -5,7 +5,8 @@
 
 ``saelens``: per SAE, ``cfg.json`` + ``sae_weights.safetensors`` that SAELens 6.x's
 ``SAE.load_from_disk(folder)`` loads (JumpReLU, TopK and ReLU SAEs as its jumprelu, topk and
-standard architectures; TransformerLens hook names; saescope's provenance in its metadata).
+standard architectures, transcoders as jumprelu_transcoder / jumprelu_skip_transcoder;
+TransformerLens hook names; saescope's provenance in its metadata).
 The folders keep the release's layout under OUT, and ``saescope.load_sae`` reads them back.
 
 ``circuit-tracer``: a release's transcoders, one per layer from layer 0, as circuit-tracer's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saescope.release.saelens import CFG_JSON, WEIGHTS, saelens_config
+from saescope.release.saelens import CFG_JSON, WEIGHTS, saelens_config, saelens_tensors
 
 
 def export_folder(folder: Path, out: Path, root: Path | None = None) -> Path:
@@ -17,8 +17,7 @@ def export_folder(folder: Path, out: Path, root: Path | None = None) -> Path:
     released = read_release_folder(folder, root)
     cfg = saelens_config(released.sae, released.site, released.config)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in released.sae.to_arrays().items()}
-    save_file(tensors, str(out / WEIGHTS))
+    save_file(saelens_tensors(released.sae), str(out / WEIGHTS))
     write_json(out / CFG_JSON, cfg, indent=1)
     return out
 
