@@ -4,8 +4,9 @@ Each SAE folder at or under ``--release`` (ours, or Gemma Scope's) gets a ``metr
 L0, FVU, MSE, cosine, L2 ratio, delta LM loss, CE loss score, KL, dead and high-frequency
 latents, a firing-frequency histogram, and everything again per corpus subset and per token
 position; its ``saebench`` block holds SAEBench's core metrics under SAEBench's names
-(ce_loss_score, kl_div_score, explained_variance, relative_reconstruction_bias, frac_alive, ...).  ``<release>/eval.json`` summarises the run.  The clean forward is shared by all SAEs
-and each spliced forward starts at its site's layer.
+(ce_loss_score, kl_div_score, explained_variance, relative_reconstruction_bias, frac_alive, ...).
+``<release>/eval.json`` summarises the run.  The clean forward is shared by all SAEs and each
+spliced forward starts at its site's layer.
 
 The model is the one named in the SAEs' config.json unless ``--model`` is given; the site comes
 from config.json or the folder path (``--kind`` for folders that name only the layer).
