@@ -19,11 +19,13 @@ COLUMNS = (  # what the model feels first (loss), then reconstruction
     ("delta_loss", "Δ loss", "{:.4f}", True),
     ("ce_loss_score", "CE recovered", "{:.4f}", False),
     ("kl_div", "KL", "{:.4f}", True),
+    ("kl_div_score", "KL score", "{:.4f}", False),  # SAEBench's
     ("fvu_std", "FVU (per-dim std.)", "{:.4f}", True),
     ("fvu", "FVU", "{:.4f}", True),
     ("mse", "MSE", "{:.4g}", None),
     ("cossim", "cos(x, x̂)", "{:.4f}", False),
     ("l2_ratio", "‖x̂‖/‖x‖", "{:.3f}", None),
+    ("relative_reconstruction_bias", "rel. bias", "{:.3f}", None),  # SAEBench's Σ‖x̂‖²/Σx·x̂
     ("frac_dead", "dead", "{:.2%}", True),
     ("frac_high_freq", ">10% freq", "{:.2%}", True),
 )
