@@ -21,6 +21,10 @@ reconstruction at kept positions (``keep_mask``: not BOS, EOS or padding); next-
 positions that are kept and whose next token belongs to a document; splicing and zero ablation
 act on every position except the first (BOS) unless ``EvalConfig.splice_bos``; every metric also
 per corpus subset and per position bin (1, 2–3, 4–7, … in the packed sequence).
+
+A transcoder (site ``layer_L/transcoder``) is measured on its target: it reads ``mlp_in`` and
+every reconstruction metric compares its prediction with ``mlp_out``; splicing replaces
+``mlp_out`` by the prediction from the same forward's ``mlp_in``; zero ablation zeroes ``mlp_out``.
 """
 
 from __future__ import annotations
