@@ -333,7 +333,8 @@ def test_store_without_the_halves_is_a_clear_error(tmp_path, tiny_model, tiny_co
 
 def test_cli_harvest_train_eval_report_features_with_transcoders(tmp_path, tiny_model, capsys):
     """The commands a user runs: harvest the pair, train a transcoder and a skip transcoder from the
-    store (and one online), evaluate, report, collect features; and errors in one line."""
+    store (and one online), evaluate, report, collect features, export for SAELens; and errors in
+    one line."""
     from saescope.cli import main
     from saescope.release.metrics import read_metrics
     from test_features_cli import save_word_model
@@ -394,9 +395,9 @@ def test_cli_harvest_train_eval_report_features_with_transcoders(tmp_path, tiny_
                  "--tokens", "256", *common]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bar comes before)
     assert err.startswith("saescope eval: error:") and "is a transcoder, but its site is layer_1/mlp_out" in err
-    assert main(["export", "--format", "saelens", str(tmp_path / "plain" / "release"), str(tmp_path / "sl")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "does not write transcoders yet" in err
+    assert main(["export", "--format", "saelens", str(tmp_path / "skip" / "release"), str(tmp_path / "sl")]) == 0
+    (cfg_json,) = (tmp_path / "sl").rglob("cfg.json")
+    assert json.loads(cfg_json.read_text())["architecture"] == "jumprelu_skip_transcoder"
 
 
 def test_pipeline_runs_transcoders_next_to_saes(tmp_path, tiny_model):
