@@ -165,7 +165,25 @@ def test_fold_of_two_maps_is_exact(arch, maps):
     if maps == "scalar":  # latents scaled by C_out
         torch.testing.assert_close(f_raw, f_n * 0.25, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="two maps"):
-        tc.fold_input_scale(2.0)
+        tc.fold_input_norm(norm_in)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu_transcoder", "jumprelu_skip_transcoder", "batchtopk_transcoder",
+                                  "batchtopk_skip_transcoder"])
+def test_config_round_trips_and_saes_options_are_dropped(arch):
+    from saescope.sae.base import CONFIG_CLASSES
+
+    own = CONFIG_CLASSES[arch]
+    cfg = own(d_in=8, d_sae=32, d_out=6, architecture=arch, k=3) if hasattr(own, "k") else \
+        own(d_in=8, d_sae=32, d_out=6, architecture=arch, bandwidth=0.01)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    assert type(SAEConfig.from_dict(saved)) is own and SAEConfig.from_dict(saved) == cfg
+    assert build_sae(SAEConfig.from_dict(saved)).cfg == cfg
+    # the trainer's flat call: other architectures' options dropped, d_out kept
+    flat = SAEConfig(d_in=8, d_sae=32, d_out=6, architecture=arch, k=3, bandwidth=0.01, threshold_init=0.02,
+                     dead_tokens=100)
+    assert type(flat) is own and flat.d_out == 6 and not flat.centre_input
+    assert not hasattr(SAEConfig(d_in=8, d_sae=32, d_out=6, architecture="jumprelu"), "d_out")
 
 
 def test_release_round_trip_through_save_and_load_sae(tmp_path):
@@ -315,7 +333,8 @@ def test_store_without_the_halves_is_a_clear_error(tmp_path, tiny_model, tiny_co
 
 def test_cli_harvest_train_eval_report_features_with_transcoders(tmp_path, tiny_model, capsys):
     """The commands a user runs: harvest the pair, train a transcoder and a skip transcoder from the
-    store (and one online), evaluate, report, collect features; and errors in one line."""
+    store (and one online), evaluate, report, collect features, export for SAELens; and errors in
+    one line."""
     from saescope.cli import main
     from saescope.release.metrics import read_metrics
     from test_features_cli import save_word_model
@@ -376,9 +395,9 @@ def test_cli_harvest_train_eval_report_features_with_transcoders(tmp_path, tiny_
                  "--tokens", "256", *common]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' loading bar comes before)
     assert err.startswith("saescope eval: error:") and "is a transcoder, but its site is layer_1/mlp_out" in err
-    assert main(["export", "--format", "saelens", str(tmp_path / "plain" / "release"), str(tmp_path / "sl")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "does not write transcoders yet" in err
+    assert main(["export", "--format", "saelens", str(tmp_path / "skip" / "release"), str(tmp_path / "sl")]) == 0
+    (cfg_json,) = (tmp_path / "sl").rglob("cfg.json")
+    assert json.loads(cfg_json.read_text())["architecture"] == "jumprelu_skip_transcoder"
 
 
 def test_pipeline_runs_transcoders_next_to_saes(tmp_path, tiny_model):

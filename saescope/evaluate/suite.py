@@ -22,6 +22,10 @@ positions that are kept and whose next token belongs to a document; splicing and
 act on every position except the first (BOS) unless ``EvalConfig.splice_bos`` (zero ablation
 also with ``EvalConfig.zero_ablate_bos``, SAEBench's convention); every metric also
 per corpus subset and per position bin (1, 2–3, 4–7, … in the packed sequence).
+
+A transcoder (site ``layer_L/transcoder``) is measured on its target: it reads ``mlp_in`` and
+every reconstruction metric compares its prediction with ``mlp_out``; splicing replaces
+``mlp_out`` by the prediction from the same forward's ``mlp_in``; zero ablation zeroes ``mlp_out``.
 """
 
 from __future__ import annotations

@@ -119,10 +119,14 @@ class _Transcoder:
     # --- release form ------------------------------------------------------------------------
 
     def fold_input_scale(self, scale: float) -> None:
-        raise ValueError("a transcoder folds two maps, its input's and its target's: use fold_io_norms")
+        """Release form after training with input and target both divided by one scalar C:
+        :meth:`fold_io_norms` with that scalar on both sides (latents × C)."""
+        from saescope.sae.input_norm import InputNorm
+
+        self.fold_io_norms(InputNorm.from_scale(scale, self.cfg.d_in), InputNorm.from_scale(scale, self.cfg.d_out))
 
     def fold_input_norm(self, norm) -> None:
-        self.fold_input_scale(math.nan)
+        raise ValueError("a transcoder folds two maps, its input's and its target's: use fold_io_norms")
 
     @torch.no_grad()
     def fold_io_norms(self, input_norm, target_norm) -> None:

@@ -42,7 +42,8 @@ class NonFiniteError(RuntimeError):
 
 
 class SAETrainer:
-    """Trains one SAE.  ``sae`` is in training form (``centre_input=True``) on ``device``.
+    """Trains one SAE (or transcoder).  ``sae`` is in training form (an SAE: ``centre_input=True``;
+    a transcoder never centres) on ``device``.
 
     Args:
         sae: the model to train.
