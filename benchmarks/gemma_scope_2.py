@@ -103,7 +103,17 @@ def main() -> None:
     prefixes = tuple(int(m) for m in args.prefixes.split(","))
     store_dir = args.data if (args.data / "manifest.json").exists() else ensure_store(args.data.parent, args.tokens)
     store = ActivationStore(store_dir)
+    from saescope.sae.transcoder import transcoder_architecture
+    from saescope.settings import PAIR_KINDS
+    from saescope.sites import Site
+
+    # a transcoder site is there when both of its halves (mlp_in, mlp_out) are
     available = {s.name for s in store.sites}
+    available |= {f"layer_{L}/{kind}" for L in {s.layer for s in store.sites} for kind, halves in PAIR_KINDS.items()
+                  if all(f"layer_{L}/{h}" in available for h in halves)}
+
+    def jumprelu_at(site: str) -> str:  # transcoder sites train a JumpReLU transcoder
+        return transcoder_architecture("jumprelu", False) if Site.parse(site).kind in PAIR_KINDS else "jumprelu"
     n_steps = args.tokens // 1024
     lam = recipe_lambda()
 
@@ -127,7 +137,8 @@ def main() -> None:
         for site in sites_a:
             wanted = targets + ([args.target] if site == args.site and args.target not in targets and parts & {"c", "d"}
                                 else [])
-            specs = [SAESpec(site, "jumprelu", args.width, sparsity_coefficient=lam, target_l0=t) for t in wanted]
+            specs = [SAESpec(site, jumprelu_at(site), args.width, sparsity_coefficient=lam, target_l0=t)
+                     for t in wanted]
             if site == args.site and "d" in parts:  # Matryoshka shares the data pass of (a)
                 specs.append(SAESpec(site, "matryoshka_jumprelu", args.width, sparsity_coefficient=lam,
                                      target_l0=args.target, prefixes=prefixes))
@@ -159,8 +170,6 @@ def main() -> None:
             return
         model, tokenizer = load_model("gemma-3-270m")
         corpus = load_corpus("wiki-vital", tokenizer, seq_len=256, max_tokens=args.eval_tokens, split="heldout", seed=0)
-        from saescope.sites import Site
-
         to_eval = {}
         for name, (site, folder, config, _) in saes.items():
             sae = load_sae(folder)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +48,9 @@ class RunState:
             raise IntegrityError(f"{err}; delete {out} to start the run over") from None
         if previous is not None:
             theirs = _canonical(previous.get("config", {}))
+            for f in fields(RunConfig):  # a setting newer than the run folder: it ran at the default
+                if f.name not in theirs and f.name in mine and f.default is not MISSING:
+                    theirs[f.name] = f.default
             differ = sorted(k for k in set(mine) | set(theirs)
                             if k not in _RUNTIME_ONLY and _norm(mine.get(k)) != _norm(theirs.get(k)))
             if differ:
@@ -203,10 +207,12 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
 
     specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
                   sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks,
-                  target_l0s=cfg.target_l0s, prefixes=cfg.prefixes, seed=cfg.seed)
+                  target_l0s=cfg.target_l0s, prefixes=cfg.prefixes, seed=cfg.seed,
+                  skip_connection=cfg.skip_connection)
     recipe = Recipe.for_steps(cfg.n_steps, **cfg.recipe_overrides(),
                               scale_estimate_tokens=min(131_072, cfg.train_tokens // 4))
-    options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress)
+    options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress,
+                           release_layout=cfg.layout)
     trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, data_seed=cfg.seed, model_name=cfg.model,
                       options=options)
     results = trainer.fit()

@@ -153,8 +153,16 @@ def overrides(cls, args) -> dict[str, Any]:
 
 
 #: the site kinds (saescope.sites documents them); here, torch-free, so ``--kind`` choices and
-#: usage errors need no torch import
+#: usage errors need no torch import.  SITE_KINDS: Gemma Scope's three SAE sites per layer (what
+#: the selection ``all`` means); KNOWN_KINDS adds ``mlp_in`` (the MLP's input, after the pre-MLP
+#: norm) and ``transcoder`` (a pair site: it reads ``mlp_in`` and predicts ``mlp_out``)
 SITE_KINDS: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+KNOWN_KINDS: tuple[str, ...] = SITE_KINDS + ("mlp_in", "transcoder")
+#: pair kinds -> (the kind read, the kind predicted), both at the pair's layer
+PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
+
+#: how a release names and writes its folders (saescope.release.gemma_scope_2 has the second)
+RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
@@ -165,10 +173,14 @@ RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input
 class TrainSettings:
     """What ``saescope train`` and ``saescope run`` share: what to train, for how long, how."""
 
-    #: site selection, e.g. 'all', 'resid_post@0-5', 'layer_12/attn_z'
+    #: site selection, e.g. 'all' (the three SAE kinds), 'resid_post@0-5', 'layer_12/attn_z',
+    #: 'transcoder@0-17' (transcoders: docs/transcoders.md)
     sites: str = "all"
     #: SAE architecture: jumprelu, relu, topk, batchtopk, matryoshka_jumprelu or matryoshka_batchtopk
+    #: (transcoder sites: jumprelu or batchtopk, trained as jumprelu_transcoder / batchtopk_transcoder)
     architecture: str = field(default="jumprelu", metadata={"flag": "arch"})
+    #: transcoder sites: train skip (affine) transcoders, prediction f·W_dec + b_dec + x·W_skip
+    skip_connection: bool = False
     #: SAE widths, e.g. 4096,16k
     widths: tuple[int, ...] = field(default=(16_384,), metadata={"parse": listing(width)})
     #: λ sweep (jumprelu, relu): several L0s per site
@@ -217,6 +229,9 @@ class TrainSettings:
     device: str = "auto"
     #: steps between checkpoints; changes no result
     checkpoint_every: int = field(default=1_000, metadata={"parse": positive_int})
+    #: release folders: saescope (<kind>/layer_L/width_W/average_l0_K) or gemma-scope-2
+    #: (<site>/layer_L_width_W_l0_small|medium|big[_affine], lowercase keys)
+    layout: str = field(default="saescope", metadata={"choices": RELEASE_LAYOUTS})
 
     def recipe_overrides(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RECIPE_FIELDS}

@@ -2,13 +2,15 @@
 # Create the peer libraries' virtual environments for benchmarks/peers/:
 #   $SAESCOPE_PEERS/saelens   sae-lens     (SAELens)
 #   $SAESCOPE_PEERS/sparsify  eai-sparsify (EleutherAI sparsify)
+#   $SAESCOPE_PEERS/circuit-tracer  circuit-tracer (its transcoder loaders; tests/test_circuit_tracer_export.py)
 # SAESCOPE_PEERS defaults to /work/peers.  torch is pinned to 2.13.0 (the CPU build lies on our
 # machines' disk) with a constraint file, so pip never resolves it to a multi-GB CUDA build.
 # Idempotent: an environment that was built here and still has its package at the pinned
 # versions is left alone.  Quiet on success; on failure it prints the tail of the pip log
 # ($SAESCOPE_PEERS/<name>.install.log) and exits non-zero.  A fresh build takes ~5 min.
 # Arguments: the environments to build (default: saelens sparsify).
-# Overrides: PYTHON (base interpreter), SAELENS_VERSION, SPARSIFY_VERSION, TORCH_VERSION.
+# Overrides: PYTHON (base interpreter), SAELENS_VERSION, SPARSIFY_VERSION, CIRCUIT_TRACER_VERSION,
+# TORCH_VERSION.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
@@ -16,6 +18,7 @@ ROOT=${SAESCOPE_PEERS:-/work/peers}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 SAELENS_VERSION=${SAELENS_VERSION:-6.54.12}
 SPARSIFY_VERSION=${SPARSIFY_VERSION:-1.3.3}
+CIRCUIT_TRACER_VERSION=${CIRCUIT_TRACER_VERSION:-0.5.0}
 
 mkdir -p "$ROOT"
 CONSTRAINTS="$ROOT/constraints.txt"
@@ -71,7 +74,8 @@ for name in "${@:-saelens sparsify}"; do
     case $one in
       saelens) build saelens sae-lens sae_lens "$SAELENS_VERSION" || status=1 ;;
       sparsify) build sparsify eai-sparsify sparsify "$SPARSIFY_VERSION" || status=1 ;;
-      *) echo "peer-envs: unknown environment '$one' (saelens, sparsify)" >&2; status=2 ;;
+      circuit-tracer) build circuit-tracer circuit-tracer circuit_tracer "$CIRCUIT_TRACER_VERSION" || status=1 ;;
+      *) echo "peer-envs: unknown environment '$one' (saelens, sparsify, circuit-tracer)" >&2; status=2 ;;
     esac
   done
 done

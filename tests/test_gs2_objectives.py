@@ -385,3 +385,19 @@ def test_target_l0_frequency_and_matryoshka_resume_bit_identically(tmp_path):
         for key, value in state.items():
             assert torch.equal(value, b.sae.state_dict()[key]), f"{a.name}: {key} differs after resume"
         assert torch.equal(a.response_sums, b.response_sums)
+
+
+def test_a_jumprelu_transcoder_trains_against_its_target_l0():
+    """Transcoders call the same objective: the quadratic around the target L0, on ŷ vs y."""
+    torch.manual_seed(0)
+    tc = build_sae(SAEConfig(d_in=12, d_sae=48, architecture="jumprelu_transcoder", d_out=10, bandwidth=0.05,
+                             target_l0=5.0))
+    with torch.no_grad():
+        tc.threshold.uniform_(0.0, 0.3)
+    x, y = torch.randn(200, 12), torch.randn(200, 10)
+    out = tc.loss(x, 0.3, target_BD=y)
+    l0_B = (tc.encode(x) != 0).sum(-1).float()
+    assert out.sparsity.item() == pytest.approx(0.3 * (2 / 5) * float((l0_B - 5).pow(2).mean()), rel=1e-5)
+    torch.testing.assert_close(out.mse, (tc(x) - y).pow(2).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+    g = grads_of(tc, out.total)["threshold"]
+    assert g.abs().sum() > 0

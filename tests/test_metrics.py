@@ -95,6 +95,40 @@ def test_loss_stats_means_and_derived_metrics():
     assert g0["delta_loss"] == pytest.approx(0.5) and g0["n_loss_tokens"] == 2
 
 
+def test_saebench_figures_by_hand():
+    """SAEBench's core names: explained variance, shrinkage, L1, firing frequencies, KL score."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    x_hat = torch.tensor([[0.5, 0.0], [0.0, 1.0]])  # half of x: shrunk by 2
+    f = torch.tensor([[0.0, 1.5, -2.0], [0.0, 3.0, 0.0]])
+    stats = M.ReconstructionStats(2, 3)
+    stats.update(x, x_hat, f)
+    out = stats.summary()
+    assert out["explained_variance"] == pytest.approx(1 - out["fvu"])
+    # Σ‖x̂‖² / Σ x·x̂ = (0.25 + 1) / (0.5 + 2) = 0.5
+    assert out["relative_reconstruction_bias"] == pytest.approx(0.5)
+    assert out["l1"] == pytest.approx((3.5 + 3.0) / 2)  # |f| summed, negative latents too
+    assert out["l2_norm_in"] == pytest.approx(1.5) and out["l2_norm_out"] == pytest.approx(0.75)
+    assert out["frac_alive"] == pytest.approx(2 / 3) and out["frac_dead"] == pytest.approx(1 / 3)
+    assert out["freq_over_10_percent"] == pytest.approx(2 / 3)
+    # latent 1 fires on 2 tokens, latent 2 on 1: all firings come from latents above 10%
+    assert out["normalized_freq_over_10_percent"] == pytest.approx(1.0)
+    assert M.kl_div_score(kl_sae=0.25, kl_zero_ablation=1.0) == pytest.approx(0.75)
+    assert math.isnan(M.kl_div_score(0.1, 0.0))
+
+
+def test_saebench_block_names_and_nesting():
+    spliced, zero = M.LossStats(1), M.LossStats(1)
+    spliced.update(torch.tensor([2.0]), torch.tensor([2.5]), torch.tensor([0.1]))
+    zero.update(torch.tensor([2.0]), torch.tensor([4.0]), torch.tensor([2.0]))
+    metrics = M.loss_metrics(spliced.means(merged=True)[0], zero.means(merged=True)[0])
+    block = M.saebench_core({**metrics, "l0": 7.0})
+    perf, behaviour = block["model_performance_preservation"], block["model_behavior_preservation"]
+    assert perf == pytest.approx({"ce_loss_score": 0.75, "ce_loss_with_ablation": 4.0, "ce_loss_with_sae": 2.5,
+                                  "ce_loss_without_sae": 2.0})
+    assert behaviour == pytest.approx({"kl_div_score": 0.95, "kl_div_with_ablation": 2.0, "kl_div_with_sae": 0.1})
+    assert block["sparsity"]["l0"] == 7.0 and math.isnan(block["sparsity"]["l1"])  # missing: NaN, not absent
+
+
 def _numpy_reference(x, x_hat, f):
     x, x_hat, f = (np.asarray(a, dtype=np.float64) for a in (x, x_hat, f))
     err = ((x - x_hat) ** 2).sum(-1)

@@ -30,7 +30,10 @@ CASES = [  # (architecture, site, d_in)
     ("topk", Site(1, "mlp_out"), 16),
     ("relu", Site(2, "attn_z"), 24),
     ("batchtopk", Site(0, "resid_post"), 16),
+    ("jumprelu_transcoder", Site(2, "transcoder"), 16),
+    ("jumprelu_skip_transcoder", Site(4, "transcoder"), 16),
 ]
+D_OUT = 12  # transcoders predict a site of another width than they read
 
 
 def make_release(root: Path) -> dict[str, tuple[Site, torch.nn.Module]]:
@@ -38,12 +41,16 @@ def make_release(root: Path) -> dict[str, tuple[Site, torch.nn.Module]]:
     saes = {}
     for i, (arch, site, d_in) in enumerate(CASES):
         g = torch.Generator().manual_seed(i)
+        transcoder = site.kind == "transcoder"
         sae = build_sae(SAEConfig(d_in=d_in, d_sae=40, architecture=arch, centre_input=False,
-                                  **({"k": 6} if arch in ("topk", "batchtopk") else {})))
+                                  **({"k": 6} if arch in ("topk", "batchtopk") else {}),
+                                  **({"d_out": D_OUT} if transcoder else {})))
         with torch.no_grad():
             sae.W_enc.copy_(torch.randn(d_in, 40, generator=g) / d_in**0.5)
             sae.b_enc.copy_(torch.randn(40, generator=g) * 0.1)
-            sae.b_dec.copy_(torch.randn(d_in, generator=g))
+            sae.b_dec.copy_(torch.randn(D_OUT if transcoder else d_in, generator=g))
+            if hasattr(sae, "W_skip"):
+                sae.W_skip.copy_(torch.randn(d_in, D_OUT, generator=g) * 0.3)
             if hasattr(sae, "threshold"):
                 sae.threshold.copy_(torch.rand(40, generator=g) * 0.3 + 0.01)
         folder = root / site.kind / f"layer_{site.layer}" / "width_40" / f"average_l0_{i + 5}"
@@ -116,7 +123,8 @@ for folder, x_file, heads in json.loads(sys.argv[1]):
     with torch.no_grad():
         f = sae.encode(x)
         x_hat = sae.decode(f).reshape(x.shape[0], -1)
-        out[folder] = {"arch": sae.cfg.architecture(), "f": f.tolist(), "x_hat": x_hat.tolist(),
+        y = sae(x).reshape(x.shape[0], -1)  # transcoders: forward adds the skip path, decode does not
+        out[folder] = {"arch": sae.cfg.architecture(), "f": f.tolist(), "x_hat": x_hat.tolist(), "y": y.tolist(),
                        "hook": sae.cfg.metadata.hook_name}
 print(json.dumps(out))
 """
@@ -139,16 +147,18 @@ def test_saelens_loads_the_export_and_agrees(tmp_path):
         jobs.append((folder, str(tmp_path / f"x{len(jobs)}.npy"), 4 if site.kind == "attn_z" else 0))
         with torch.no_grad():
             f = sae.encode(torch.from_numpy(x))
-            expected[folder] = (site, sae.architecture, f.numpy(), sae.decode(f).numpy())
+            expected[folder] = (site, sae.architecture, f.numpy(), sae.decode(f).numpy(), sae(torch.from_numpy(x)).numpy())
     result = subprocess.run([str(SAELENS_PYTHON), "-c", _SAELENS_SIDE, json.dumps(jobs)], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
-    for folder, (site, arch, f, x_hat) in expected.items():
+    for folder, (site, arch, f, x_hat, y) in expected.items():
         g = got[folder]
-        assert g["arch"] == {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard"}[arch]
+        assert g["arch"] == {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard",
+                             "jumprelu_transcoder": "jumprelu_transcoder",
+                             "jumprelu_skip_transcoder": "jumprelu_skip_transcoder"}[arch]
         assert g["hook"] == hook_name(site)
         assert (f > 0).sum() > 0
-        for ours, theirs in ((f, g["f"]), (x_hat, g["x_hat"])):
+        for ours, theirs in ((f, g["f"]), (x_hat, g["x_hat"]), (y, g["y"])):
             theirs = np.asarray(theirs, dtype=np.float32)
             assert np.abs(theirs - ours).max() <= 1e-5 * max(1.0, np.abs(ours).max()), folder

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from saescope.sites import Site, capture, n_layers
+from saescope.sites import Site, capture, data_sites, n_layers
 from saescope.tokens import TokenizedCorpus
 
 
@@ -40,8 +40,10 @@ def check_corpus(model: nn.Module, corpus: TokenizedCorpus) -> None:
 
 
 def check_sites(model: nn.Module, sites: Iterable[Site]) -> list[Site]:
-    """The requested sites, sorted and deduplicated; refuses none, or a layer the model lacks."""
-    sites = sorted(set(sites))
+    """The sites to capture for the requested ones, sorted and deduplicated (a transcoder site:
+    its ``mlp_in`` and ``mlp_out``, :func:`~saescope.sites.data_sites`); refuses none, or a layer
+    the model lacks."""
+    sites = data_sites(sites)
     if not sites:
         raise ValueError("no site requested")
     layers = n_layers(model)

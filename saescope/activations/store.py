@@ -37,7 +37,8 @@ import torch
 
 from saescope.activations.shuffle import Bucket, BucketedSource, chunk_plan, chunks
 from saescope.errors import IntegrityError
-from saescope.sites import Site
+from saescope.settings import PAIR_KINDS
+from saescope.sites import Site, data_sites
 
 FORMAT = "saescope-activations/1"
 MANIFEST = "manifest.json"
@@ -335,11 +336,15 @@ class StoreReader(BucketedSource):
         self.store.require_complete()
         if sites is None:
             wanted = list(self.store.sites)
-        else:  # Site objects or names like "layer_3/mlp_out"
-            wanted = sorted({Site.parse(s) if isinstance(s, str) else s for s in sites})
+        else:  # Site objects or names like "layer_3/mlp_out"; a transcoder site reads its two halves
+            asked = [Site.parse(s) if isinstance(s, str) else s for s in sites]
+            wanted = data_sites(asked)
         unknown = [s.name for s in wanted if s not in self.store.d_in]
         if unknown:
-            raise ValueError(f"sites not in the activation store {self.store.path}: {', '.join(unknown)}")
+            pairs = sorted({a.name for a in asked if a.kind in PAIR_KINDS}) if sites is not None else []
+            raise ValueError(f"sites not in the activation store {self.store.path}: {', '.join(unknown)}"
+                             + (f" ({', '.join(pairs)} read and predict them: harvest with --sites including "
+                                "transcoder)" if pairs else ""))
         self.sites: list[Site] = wanted
         self.d_in: dict[Site, int] = {s: self.store.d_in[s] for s in wanted}
         self._set_buffer(buffer_tokens, prefetch)

@@ -3,8 +3,10 @@
 Each SAE folder at or under ``--release`` (ours, or Gemma Scope's) gets a ``metrics.json``:
 L0, FVU, MSE, cosine, L2 ratio, delta LM loss, CE loss score, KL, dead and high-frequency
 latents, a firing-frequency histogram, and everything again per corpus subset and per token
-position.  ``<release>/eval.json`` summarises the run.  The clean forward is shared by all SAEs
-and each spliced forward starts at its site's layer.
+position; its ``saebench`` block holds SAEBench's core metrics under SAEBench's names
+(ce_loss_score, kl_div_score, explained_variance, relative_reconstruction_bias, frac_alive, ...).
+``<release>/eval.json`` summarises the run.  The clean forward is shared by all SAEs and each
+spliced forward starts at its site's layer.
 
 The model is the one named in the SAEs' config.json unless ``--model`` is given; the site comes
 from config.json or the folder path (``--kind`` for folders that name only the layer).
@@ -20,7 +22,7 @@ from saescope.commands import at_least, positive_int as _int
 
 
 def add_parser(subparsers) -> None:
-    from saescope.settings import SITE_KINDS
+    from saescope.settings import KNOWN_KINDS
 
     p = subparsers.add_parser(
         "eval",
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokens", type=_int, default=16384, help="evaluation tokens (default 16384)")
     p.add_argument("--seq-len", type=at_least(2), default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--kind", choices=SITE_KINDS, help="site kind, for folders whose config and path do not say it")
+    p.add_argument("--kind", choices=KNOWN_KINDS, help="site kind, for folders whose config and path do not say it")
     p.add_argument("--batch-seqs", type=_int, default=None, help="sequences per forward (default: automatic)")
     p.add_argument("--loss-tokens", type=_int, default=None,
                    help="next-token-loss metrics (delta loss, KL) on sequences holding about this many "
@@ -43,6 +45,9 @@ def add_parser(subparsers) -> None:
                    help="precision of the model's forwards for the loss metrics (SAEs stay float32; default float32)")
     p.add_argument("--no-zero-ablation", action="store_true", help="skip zero ablation (no ce_loss_score)")
     p.add_argument("--splice-bos", action="store_true", help="also splice the BOS position (default: left clean)")
+    p.add_argument("--zero-ablate-bos", action="store_true",
+                   help="zero ablation zeroes the BOS position too, as SAELens/SAEBench's core eval does "
+                        "(ce_loss_score, kl_div_score; splicing unchanged)")
     p.add_argument("--seed", type=at_least(0), default=0, help="held-out split and loss-position sampling seed (default 0)")
     p.add_argument("--report", type=Path, default=None, help="also write the HTML report into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     cfg = EvalConfig(batch_seqs=args.batch_seqs, loss_tokens=args.loss_tokens, seed=args.seed, dtype=args.dtype,
                      zero_ablation=not args.no_zero_ablation, splice_bos=args.splice_bos,
+                     zero_ablate_bos=args.zero_ablate_bos,
                      progress=not args.no_progress)
     model, tokenizer = load_model(model_name, device=device)
     corpus = load_corpus(args.corpus or defaults.DEFAULT_CORPUS, tokenizer, seq_len=args.seq_len,

@@ -20,7 +20,7 @@ from saescope.commands import at_least, positive_int as _int
 
 
 def add_parser(subparsers) -> None:
-    from saescope.settings import SITE_KINDS
+    from saescope.settings import KNOWN_KINDS
 
     p = subparsers.add_parser(
         "features",
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
                    help="corpus split (default heldout: text the SAEs were not trained on)")
     p.add_argument("--tokens", type=_int, default=65_536, help="tokens to read (default 65536; raise it on a GPU)")
     p.add_argument("--seq-len", type=at_least(2), default=1024, help="tokens per sequence (default 1024)")
-    p.add_argument("--kind", choices=SITE_KINDS, help="site kind, for folders whose config and path do not say it")
+    p.add_argument("--kind", choices=KNOWN_KINDS, help="site kind, for folders whose config and path do not say it")
     p.add_argument("--sites", default=None, help="only SAEs at these sites, e.g. resid_post or resid_post@3-5")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/features beside the release)")
     p.add_argument("--top-k", type=_int, default=16, help="top contexts per latent (default 16)")

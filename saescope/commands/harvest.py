@@ -9,9 +9,11 @@ Relaunching the same command resumes an interrupted harvest at its last finished
 and does nothing once the store is complete.  A folder holding a store of another model, corpus
 or site set is refused.
 
-Sites: ``all``; a kind (``resid_post``, ``attn_z``, ``mlp_out``); either with ``@LAYERS``
-(``resid_post@6``, ``all@0-5``, ``mlp_out@0-17:2``); or names like ``layer_12/attn_z``;
-comma-separated.
+Sites: ``all``; a kind (``resid_post``, ``attn_z``, ``mlp_out``, ``mlp_in``, ``transcoder``);
+either with ``@LAYERS`` (``resid_post@6``, ``all@0-5``, ``mlp_out@0-17:2``); or names like
+``layer_12/attn_z``; comma-separated.  ``all`` is the three SAE kinds; a transcoder site
+(``transcoder@6``) stores the two sites a transcoder trains on, ``layer_6/mlp_in`` and
+``layer_6/mlp_out`` (docs/transcoders.md).
 """
 
 from __future__ import annotations

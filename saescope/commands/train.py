@@ -4,6 +4,12 @@ Data come from an activation store (``--store RUN/store``) or online from the mo
 (``--model ... --corpus ... --tokens N``).  The run folder (``--out``; with ``--store RUN/store``
 it defaults to ``RUN``) gets ``checkpoints/``, ``train_log.jsonl``, ``train_summary.json`` and
 ``release/<kind>/layer_L/width_W/average_l0_K/``.  Relaunching the same command resumes.
+
+Transcoders: ``--sites transcoder@6`` (or ``layer_6/transcoder``) trains a transcoder that reads
+layer 6's MLP input (``mlp_in``) and predicts its output (``mlp_out``), as a jumprelu_transcoder
+(``--arch jumprelu``) or batchtopk_transcoder (``--arch batchtopk``, released as a JumpReLU
+transcoder); ``--skip-connection`` adds the affine skip path x·W_skip.  A store must hold both
+halves (``saescope harvest --sites transcoder@6`` stores them).  See docs/transcoders.md.
 """
 
 from __future__ import annotations
@@ -44,15 +50,22 @@ def add_parser(subparsers) -> None:
 
 
 def _sites_from(selection: str, available) -> list:
-    """Select among the sites a source holds; a full site name that it lacks is an error."""
-    from saescope.sites import Site, select_sites
+    """Select among the sites a source holds (a transcoder site where it holds both halves); a
+    full site name that it lacks is an error."""
+    from saescope.settings import PAIR_KINDS
+    from saescope.sites import Site, io_sites, select_sites
 
+    available = set(available)
     n_layers = max(s.layer for s in available) + 1
+    pairs = {Site(layer, kind) for layer in range(n_layers) for kind in PAIR_KINDS}
+    available |= {p for p in pairs if set(io_sites(p)) <= available}
     chosen = select_sites(selection, n_layers)
     named = [Site.parse(t) for t in selection.split(",") if t.strip().startswith("layer_")]
     missing = [s.name for s in named if s not in available]
     if missing:
-        raise ValueError(f"the data have no activations for {', '.join(missing)}")
+        halves = sorted({h.name for s in named if s.kind in PAIR_KINDS for h in io_sites(s) if h not in available})
+        raise ValueError(f"the data have no activations for {', '.join(missing)}"
+                         + (f" (missing {', '.join(halves)}; harvest with --sites including transcoder)" if halves else ""))
     sites = [s for s in chosen if s in available]
     if not sites:
         raise ValueError(f"--sites {selection!r} selects none of the available sites")
@@ -91,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if s.architecture in K_ARCHITECTURES and s.target_l0s:
         raise ValueError(f"--target-l0 is for jumprelu and matryoshka_jumprelu; --arch {s.architecture} takes --k "
                          "(k is its L0)")
+    if "transcoder" in s.sites:  # before any model loads: transcoders train as jumprelu or batchtopk
+        from saescope.sae.transcoder import transcoder_architecture
+
+        transcoder_architecture(s.architecture, s.skip_connection)
     if args.store is not None and not args.store.is_dir():
         raise FileNotFoundError(f"no activation store at {args.store}: it does not exist (run saescope harvest first)")
     writable_folder(args.out if args.out is not None else args.store.resolve().parent)
@@ -129,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
     n_steps = max(1, tokens // s.batch_size)
     recipe = Recipe.for_steps(n_steps, **s.recipe_overrides())
     specs = sweep(sites, s.widths, architecture=s.architecture, sparsity_coefficients=s.sparsity_coefficients,
-                  ks=s.ks, target_l0s=s.target_l0s, prefixes=s.prefixes, seed=s.seed)
+                  ks=s.ks, target_l0s=s.target_l0s, prefixes=s.prefixes, seed=s.seed,
+                  skip_connection=s.skip_connection)
     options = TrainOptions(device=str(device), checkpoint_every=s.checkpoint_every, log_every=args.log_every,
                            loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, release_layout=s.layout)
     kwargs = dict(data_seed=s.seed, model_name=model_name, options=options)
     if env is not None:
         return _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs)
@@ -183,6 +201,6 @@ def _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs) -> 
 
 
 def _every_site(n: int):
-    from saescope.sites import SITE_KINDS, Site
+    from saescope.sites import KNOWN_KINDS, Site
 
-    return [Site(layer, kind) for layer in range(n) for kind in SITE_KINDS]
+    return [Site(layer, kind) for layer in range(n) for kind in KNOWN_KINDS]

@@ -26,6 +26,7 @@ from saescope.distributed.env import DistEnv, current
 from saescope.distributed.exchange import OwnerExchange
 from saescope.distributed.layout import agree_on_start_step, check_layout, check_not_split, finish_split_run, rank_dir
 from saescope.distributed.plans import DataParallelPlan, LatentParallelPlan
+from saescope.settings import PAIR_KINDS
 from saescope.sites import Site
 from saescope.train.recipe import Recipe
 from saescope.train.run import train_and_release
@@ -134,6 +135,10 @@ def fit_distributed(mode: str, source: BatchSource, specs: list[SAESpec], recipe
     env = env or current()
     if mode not in MODES:
         raise ValueError(f"unknown parallel mode {mode!r}: use site, data or latent")
+    transcoders = sorted(s.name for s in specs if s.site.kind in PAIR_KINDS)
+    if transcoders:
+        raise ValueError(f"transcoders train in one process for now ({transcoders[0]}, ...): run saescope train "
+                         "without torchrun")
     kw = dict(trainer_kw, n_steps=n_steps, env=env)
     if mode == "latent":
         if online:

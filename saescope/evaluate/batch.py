@@ -42,7 +42,7 @@ class Accumulators:
     """One SAE's running sums: reconstruction and next-token loss, by subset and by position."""
 
     def __init__(self, sae: SAE, n_subset_groups: int, n_position_bins: int, device):
-        d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+        d_in, d_sae = int(sae.W_dec.shape[1]), sae.cfg.d_sae  # the width measured: a transcoder's target
         self.recon_subset = M.ReconstructionStats(d_in, d_sae, n_subset_groups, device=device)
         self.recon_position = M.ReconstructionStats(d_in, d_sae, n_position_bins, track_firing=False, device=device)
         self.loss_subset = M.LossStats(n_subset_groups, device)
@@ -84,18 +84,21 @@ class Batch:
         self.reference: CleanReference | None = None
 
     def _observer(self, targets: list[tuple[SAE, Accumulators]]):
-        """A site hook that feeds the site's kept activations to each SAE's reconstruction sums."""
+        """A site hook ``(y, x)`` (``hook_site(..., with_input=True)``) that feeds the site's kept
+        activations to each SAE's reconstruction sums: the SAE reads x and is measured on y (the
+        same tensor, except for a transcoder: ``mlp_in`` and ``mlp_out``)."""
 
-        def observe(x_BTD: torch.Tensor) -> None:
-            x_ND = x_BTD[self.keep_BT]
+        def observe(y_BTD: torch.Tensor, x_BTD: torch.Tensor) -> None:
+            y_ND, x_ND = y_BTD[self.keep_BT], x_BTD[self.keep_BT]
             for sae, acc in targets:
                 param = sae.W_dec
                 x = x_ND.to(device=param.device, dtype=param.dtype)
+                y = y_ND.to(device=param.device, dtype=param.dtype)
                 with torch.autocast(x.device.type, enabled=False):  # SAEs in their own precision
                     f = sae.encode(x)
-                    x_hat = sae.decode(f)
-                    acc.recon_subset.update(x, x_hat, f, self.subset_N)
-                    acc.recon_position.update(x, x_hat, f, self.position_N)
+                    y_hat = sae.predict(x, f)
+                    acc.recon_subset.update(y, y_hat, f, self.subset_N)
+                    acc.recon_position.update(y, y_hat, f, self.position_N)
 
         return observe
 
@@ -107,7 +110,7 @@ class Batch:
         block, and the clean predictions at scored positions; else stop after the deepest site.
         """
         observers = {site: self._observer(targets) for site, targets in by_site.items()}
-        with hooked(self.model, observers):
+        with hooked(self.model, observers, with_input=True):
             if not with_loss:  # reconstruction only: the site activations in full precision
                 run_to_layer(self.model, max(s.layer for s in by_site), input_ids=self.ids_BT)
                 return
@@ -129,7 +132,7 @@ class Batch:
         that starts at the site's block from the cached clean prefix."""
         if self.reference is None:
             raise RuntimeError("Batch.run needs observe(..., with_loss=True) first")
-        handle = hook_site(self.model, site, hook)
+        handle = hook_site(self.model, site, hook, with_input=getattr(hook, "with_input", False))
         try:
             with self._autocast():
                 hidden_BTD = forward_from(self.model, self.ids_BT, site.layer, self.prefix.get(site.layer))

@@ -22,6 +22,15 @@ Reconstruction (:class:`ReconstructionStats`):
 ``l2_ratio``  mean over tokens of ‖x̂‖ / ‖x‖.
 ``frac_dead`` fraction of latents never non-zero on the N tokens.
 ``frac_high_freq``  fraction of latents non-zero on more than 10% of the tokens.
+``explained_variance``  1 − fvu (SAELens/SAEBench's name for the same about-the-mean figure).
+``relative_reconstruction_bias``  Σₙ‖x̂ₙ‖² / Σₙ xₙ·x̂ₙ (Rajamanoharan et al. 2024, eq. 10): 1 when x̂
+              is unbiased in scale, < 1 when the SAE shrinks its output.
+``l1``        mean over tokens of Σᵢ|fᵢ|.
+``l2_norm_in``, ``l2_norm_out``  mean over tokens of ‖x‖ and of ‖x̂‖.
+``frac_alive``  1 − frac_dead: latents non-zero on at least one of the N tokens.
+``freq_over_1_percent``  fraction of latents non-zero on more than 1% of the tokens.
+``normalized_freq_over_1_percent``, ``…_10_percent``  share of all firings (Σ densities) made by
+              the latents above 1% / 10% density.
 firing-frequency histogram: histogram of log10(density) over live latents, density = (tokens on
               which the latent fires) / N.
 
@@ -33,6 +42,14 @@ Language modelling (:class:`LossStats`), per position that predicts a real next 
 ``ce_loss_score`` (ce_zero_ablation − ce_spliced) / (ce_zero_ablation − ce_clean): 1 when splicing
               costs nothing, 0 when it is as bad as deleting the site.  A ratio of means (SAEBench).
 ``kl_div``    mean over tokens of KL(p_clean ‖ p_spliced) = Σᵥ p_clean(v) (log p_clean(v) − log p_spliced(v)).
+``kl_div_with_ablation``  the same KL for the zero-ablated site, on the same tokens.
+``kl_div_score``  (kl_div_with_ablation − kl_div) / kl_div_with_ablation, a ratio of means (SAEBench).
+
+``saebench`` (:func:`saebench_core`): the figures above that SAEBench's core evaluation reports,
+under its names and nesting (``ce_loss_with_sae`` is ce_spliced, ``ce_loss_without_sae`` ce_clean,
+``ce_loss_with_ablation`` ce_zero_ablation, ``kl_div_with_sae`` kl_div).  Where SAELens's
+``evals.py`` counts positions differently (the zero-ablated BOS, the last position's KL), see
+docs/evaluation.md.
 
 Accumulators stream over batches: they keep sums (float64), never activations, and split every
 sum by a group id per token (a corpus subset, a position bin); ``summary()`` merges the groups.
@@ -79,6 +96,11 @@ def l2_ratio_per_token(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> torch.Tens
     return torch.where(x_norm > 0, x_hat_norm / x_norm.clamp_min(1e-300), torch.zeros_like(x_norm))
 
 
+def dot_per_token(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> torch.Tensor:
+    """x·x̂ per token, float64."""
+    return (x_ND.double() * x_hat_ND.double()).sum(dim=-1)
+
+
 def cross_entropy_per_token(log_probs_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """−log p(target) per token, from log-probabilities."""
     return -log_probs_NV.gather(-1, targets_N[:, None]).squeeze(-1)
@@ -109,6 +131,33 @@ def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero_ablation: float) -
     """(CE_zero − CE_spliced) / (CE_zero − CE_clean); NaN when zero ablation costs nothing."""
     denominator = ce_zero_ablation - ce_clean
     return (ce_zero_ablation - ce_spliced) / denominator if denominator != 0 else math.nan
+
+
+def kl_div_score(kl_sae: float, kl_zero_ablation: float) -> float:
+    """(KL_zero − KL_sae) / KL_zero; NaN when zero ablation changes nothing."""
+    return (kl_zero_ablation - kl_sae) / kl_zero_ablation if kl_zero_ablation != 0 else math.nan
+
+
+def relative_reconstruction_bias(sum_x_hat_sq: float, sum_dot: float) -> float:
+    """Σ‖x̂‖² / Σ x·x̂ (eq. 10 of arXiv:2404.16014); NaN when Σ x·x̂ = 0."""
+    return sum_x_hat_sq / sum_dot if sum_dot != 0 else math.nan
+
+
+def firing_frequency_metrics(fired_F: np.ndarray, n_tokens: int) -> dict:
+    """frac_alive and SAEBench's firing-frequency figures from per-latent firing counts."""
+    density = np.asarray(fired_F, dtype=np.float64) / max(n_tokens, 1)
+    total = density.sum()
+
+    def share(threshold: float) -> float:
+        return float(density[density > threshold].sum() / total) if total > 0 else 0.0
+
+    return {
+        "frac_alive": float((density > 0).mean()),
+        "freq_over_1_percent": float((density > 0.01).mean()),
+        "freq_over_10_percent": float((density > HIGH_FREQ_THRESHOLD).mean()),
+        "normalized_freq_over_1_percent": share(0.01),
+        "normalized_freq_over_10_percent": share(HIGH_FREQ_THRESHOLD),
+    }
 
 
 def firing_histogram(fired_F: np.ndarray, n_tokens: int, edges=LOG10_DENSITY_EDGES) -> dict:
@@ -156,6 +205,11 @@ class ReconstructionStats:
         self.l0 = torch.zeros(G, **kw)
         self.cossim = torch.zeros(G, **kw)
         self.l2_ratio = torch.zeros(G, **kw)
+        self.l1 = torch.zeros(G, **kw)
+        self.norm_in = torch.zeros(G, **kw)
+        self.norm_out = torch.zeros(G, **kw)
+        self.x_hat_sq = torch.zeros(G, **kw)  # Σ‖x̂‖², for relative_reconstruction_bias
+        self.dot = torch.zeros(G, **kw)  # Σ x·x̂
         self.fired_GF = torch.zeros(G, d_sae, dtype=torch.int64, device=device) if track_firing else None
 
     @torch.no_grad()
@@ -183,34 +237,52 @@ class ReconstructionStats:
         self.l0 += _group_sum(l0_per_token(f_NF), group_N, G)
         self.cossim += _group_sum(cossim_per_token(x_ND, x_hat_ND), group_N, G)
         self.l2_ratio += _group_sum(l2_ratio_per_token(x_ND, x_hat_ND), group_N, G)
+        self.l1 += _group_sum(f_NF.double().abs().sum(-1), group_N, G)
+        x_hat_norm = x_hat_ND.double().norm(dim=-1)
+        self.norm_in += _group_sum(x_ND.double().norm(dim=-1), group_N, G)
+        self.norm_out += _group_sum(x_hat_norm, group_N, G)
+        self.x_hat_sq += _group_sum(x_hat_norm.pow(2), group_N, G)
+        self.dot += _group_sum(dot_per_token(x_ND, x_hat_ND), group_N, G)
         if self.fired_GF is not None:  # one-hot(group)ᵀ @ active: one small matmul, exact in float32
             one_hot_NG = F.one_hot(group_N, G).float()
             self.fired_GF += (one_hot_NG.T @ (f_NF != 0).float()).round().long()
 
-    def _metrics(self, n, m2, sq_err, l0, cossim, l2_ratio, fired_F, m2_D, sq_err_D) -> dict:
+    #: per-token sums whose mean over tokens is a metric of the same name
+    _MEANS = ("l0", "cossim", "l2_ratio", "l1", "norm_in", "norm_out")
+    _NAMES = {"norm_in": "l2_norm_in", "norm_out": "l2_norm_out"}
+
+    def _metrics(self, n, m2, sq_err, sums: dict, fired_F, m2_D, sq_err_D) -> dict:
         if n == 0:
             return {"n_tokens": 0}
         varying = m2_D > 0
+        fvu = float(sq_err / m2) if m2 > 0 else math.nan
         out = {
             "n_tokens": int(n),
-            "l0": float(l0 / n),
-            "fvu": float(sq_err / m2) if m2 > 0 else math.nan,
+            "l0": float(sums["l0"] / n),
+            "fvu": fvu,
             "fvu_std": float((sq_err_D[varying] / m2_D[varying]).mean()) if bool(varying.any()) else math.nan,
             "mse": float(sq_err / n),
-            "cossim": float(cossim / n),
-            "l2_ratio": float(l2_ratio / n),
+            "cossim": float(sums["cossim"] / n),
+            "l2_ratio": float(sums["l2_ratio"] / n),
+            "explained_variance": 1.0 - fvu,
+            "relative_reconstruction_bias": relative_reconstruction_bias(sums["x_hat_sq"], sums["dot"]),
+            **{self._NAMES.get(k, k): float(sums[k] / n) for k in ("l1", "norm_in", "norm_out")},
         }
         if fired_F is not None:
             out["frac_dead"] = float((fired_F == 0).double().mean())
             out["frac_high_freq"] = float((fired_F > HIGH_FREQ_THRESHOLD * n).double().mean())
+            out.update(firing_frequency_metrics(np.asarray(fired_F), int(n)))
         return out
+
+    def _sums(self, g: int | None) -> dict:
+        names = (*self._MEANS, "x_hat_sq", "dot")
+        return {k: (getattr(self, k).sum() if g is None else getattr(self, k)[g]).item() for k in names}
 
     def by_group(self) -> list[dict]:
         """Metrics of each group (``{"n_tokens": 0}`` for an empty one)."""
         fired = self.fired_GF.cpu() if self.fired_GF is not None else [None] * self.n_groups
         return [
-            self._metrics(self.n[g].item(), self.m2[g].item(), self.sq_err[g].item(),
-                          self.l0[g].item(), self.cossim[g].item(), self.l2_ratio[g].item(), fired[g],
+            self._metrics(self.n[g].item(), self.m2[g].item(), self.sq_err[g].item(), self._sums(g), fired[g],
                           self.m2_GD[g], self.sq_err_GD[g])
             for g in range(self.n_groups)
         ]
@@ -222,8 +294,8 @@ class ReconstructionStats:
         m2 = self.m2.sum() + (self.n * (self.mean_GD - mean_D).pow(2).sum(-1)).sum()
         m2_D = self.m2_GD.sum(0) + (self.n[:, None] * (self.mean_GD - mean_D).pow(2)).sum(0)
         fired = self.fired_GF.sum(0).cpu() if self.fired_GF is not None else None
-        return self._metrics(n.item(), m2.item(), self.sq_err.sum().item(), self.l0.sum().item(),
-                             self.cossim.sum().item(), self.l2_ratio.sum().item(), fired, m2_D, self.sq_err_GD.sum(0))
+        return self._metrics(n.item(), m2.item(), self.sq_err.sum().item(), self._sums(None), fired, m2_D,
+                             self.sq_err_GD.sum(0))
 
     def firing_counts(self) -> np.ndarray:
         """Tokens on which each latent fired, all groups together, (F,) int64."""
@@ -271,7 +343,7 @@ def loss_metrics(spliced: tuple[int, float, float, float], zero: tuple[int, floa
     n, ce_clean, ce_spliced, kl = spliced
     if n == 0:
         return {"n_loss_tokens": 0}
-    ce_zero = zero[2]
+    ce_zero, kl_zero = zero[2], zero[3]
     return {
         "n_loss_tokens": n,
         "ce_clean": ce_clean,
@@ -280,4 +352,43 @@ def loss_metrics(spliced: tuple[int, float, float, float], zero: tuple[int, floa
         "delta_loss": ce_spliced - ce_clean,
         "ce_loss_score": ce_loss_score(ce_clean, ce_spliced, ce_zero),
         "kl_div": kl,
+        "kl_div_with_ablation": kl_zero,
+        "kl_div_score": kl_div_score(kl, kl_zero),
     }
+
+
+#: SAEBench's core metrics: (its category, its name, saescope's key in metrics.json)
+SAEBENCH_CORE = (
+    ("model_behavior_preservation", "kl_div_score", "kl_div_score"),
+    ("model_behavior_preservation", "kl_div_with_ablation", "kl_div_with_ablation"),
+    ("model_behavior_preservation", "kl_div_with_sae", "kl_div"),
+    ("model_performance_preservation", "ce_loss_score", "ce_loss_score"),
+    ("model_performance_preservation", "ce_loss_with_ablation", "ce_zero_ablation"),
+    ("model_performance_preservation", "ce_loss_with_sae", "ce_spliced"),
+    ("model_performance_preservation", "ce_loss_without_sae", "ce_clean"),
+    ("reconstruction_quality", "explained_variance", "explained_variance"),
+    ("reconstruction_quality", "mse", "mse"),
+    ("reconstruction_quality", "cossim", "cossim"),
+    ("shrinkage", "l2_norm_in", "l2_norm_in"),
+    ("shrinkage", "l2_norm_out", "l2_norm_out"),
+    ("shrinkage", "l2_ratio", "l2_ratio"),
+    ("shrinkage", "relative_reconstruction_bias", "relative_reconstruction_bias"),
+    ("sparsity", "l0", "l0"),
+    ("sparsity", "l1", "l1"),
+    ("misc_metrics", "frac_alive", "frac_alive"),
+    ("misc_metrics", "freq_over_1_percent", "freq_over_1_percent"),
+    ("misc_metrics", "freq_over_10_percent", "freq_over_10_percent"),
+    ("misc_metrics", "normalized_freq_over_1_percent", "normalized_freq_over_1_percent"),
+    ("misc_metrics", "normalized_freq_over_10_percent", "normalized_freq_over_10_percent"),
+    ("token_stats", "total_tokens_eval_reconstruction", "n_loss_tokens"),
+    ("token_stats", "total_tokens_eval_sparsity_variance", "n_tokens"),
+)
+
+
+def saebench_core(metrics: dict) -> dict:
+    """SAEBench's core-evaluation block (its categories and names) from one SAE's metrics;
+    missing figures (no zero ablation, no loss tokens) are NaN."""
+    out: dict = {}
+    for category, name, key in SAEBENCH_CORE:
+        out.setdefault(category, {})[name] = metrics.get(key, math.nan)
+    return out

@@ -2,7 +2,8 @@
 
 Everything here goes through :func:`saescope.sites.hook_site`, so the tensor an SAE is spliced
 into is exactly the tensor it was harvested from.  The evaluation suite uses the same
-:class:`SpliceHook`.
+:class:`SpliceHook`.  A transcoder is spliced at its target: the MLP's output (``mlp_out``) is
+replaced by the transcoder's prediction from the MLP's input of the same forward.
 
 The BOS position.  By default the first position of every sequence keeps its clean activation
 (``skip_bos=True``): with the tokenizers saescope uses it holds BOS, whose activations are huge
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from saescope.sae.base import SAE
-from saescope.sites import Site, capture, hook_site
+from saescope.sites import Site, capture, hook_site, io_sites
 
 LatentEdit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -45,8 +46,15 @@ class SpliceHook:
     * ``edit(f_BTF) -> f_BTF`` rewrites latents before decoding (ablation, clamping).
     * ``record=True`` keeps the last forward's :class:`SpliceRecord` in ``last``.
 
-    The SAE runs in its own dtype and device; the result is cast back to the site's.
+    Attach it with ``hook_site(..., with_input=True)`` (:func:`splice` does): it is called as
+    ``hook(y, x)``, the site's tensor and the tensor the SAE reads — the same for an SAE; for a
+    transcoder, ``mlp_out`` and ``mlp_in`` (the record's ``x_BTD`` is then the input, and its
+    ``x_hat_BTD`` the prediction of y).  The SAE runs in its own dtype and device; the result is
+    cast back to the site's.
     """
+
+    #: attach with ``hook_site(..., with_input=True)``
+    with_input = True
 
     def __init__(self, sae: SAE, *, keep_error: bool = False, skip_bos: bool = True,
                  edit: LatentEdit | None = None, record: bool = True):
@@ -55,19 +63,22 @@ class SpliceHook:
         self.last: SpliceRecord | None = None
 
     @torch.no_grad()
-    def __call__(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def __call__(self, y_BTD: torch.Tensor, x_BTD: torch.Tensor | None = None) -> torch.Tensor:
         param = self.sae.W_dec
-        x = x_BTD.to(device=param.device, dtype=param.dtype)
+        y = y_BTD.to(device=param.device, dtype=param.dtype)
+        x = y if x_BTD is None else x_BTD.to(device=param.device, dtype=param.dtype)
+        if x_BTD is None and self.sae.is_transcoder:
+            raise ValueError("a transcoder's splice needs its input: attach it with hook_site(..., with_input=True)")
         with torch.autocast(x.device.type, enabled=False):  # the SAE in its own precision, always
             f = self.sae.encode(x)
-            x_hat = self.sae.decode(f)
+            y_hat = self.sae.predict(x, f)
             if self.record:
-                self.last = SpliceRecord(x, f, x_hat)
-            out = self.sae.decode(self.edit(f)) if self.edit is not None else x_hat
+                self.last = SpliceRecord(x, f, y_hat)
+            out = self.sae.predict(x, self.edit(f)) if self.edit is not None else y_hat
             if self.keep_error:
-                out = out + (x - x_hat)
-        out = out.to(device=x_BTD.device, dtype=x_BTD.dtype)
-        return keep_first_position(x_BTD, out) if self.skip_bos else out
+                out = out + (y - y_hat)
+        out = out.to(device=y_BTD.device, dtype=y_BTD.dtype)
+        return keep_first_position(y_BTD, out) if self.skip_bos else out
 
 
 def keep_first_position(x_BTD: torch.Tensor, out_BTD: torch.Tensor) -> torch.Tensor:
@@ -93,7 +104,7 @@ def splice(model: nn.Module, saes: dict[Site, SAE], keep_error: bool = False, *,
     handles = []
     try:
         for site, hook in hooks.items():
-            handles.append(hook_site(model, site, hook))
+            handles.append(hook_site(model, site, hook, with_input=True))
         yield hooks
     finally:
         for handle in handles:
@@ -123,7 +134,8 @@ def features_for_text(model: nn.Module, tokenizer, site: Site, sae: SAE, text: s
     after the site's layer (no logits).
     """
     ids, has_bos = encode_text(tokenizer, text, _model_device(model))
-    x_BTD = capture(model, [site], ids)[site]
+    x_site = io_sites(site)[0]  # a transcoder reads its mlp_in
+    x_BTD = capture(model, [x_site], ids)[x_site]
     param = sae.W_dec
     f_TF = sae.encode(x_BTD[0].to(device=param.device, dtype=param.dtype))
     start = 1 if has_bos else 0

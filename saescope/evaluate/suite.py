@@ -19,8 +19,13 @@ to a seeded random share of the sequences while reconstruction metrics use every
 What counts (formulas in :mod:`saescope.evaluate.metrics`; masks in :mod:`saescope.evaluate.batch`):
 reconstruction at kept positions (``keep_mask``: not BOS, EOS or padding); next-token loss at
 positions that are kept and whose next token belongs to a document; splicing and zero ablation
-act on every position except the first (BOS) unless ``EvalConfig.splice_bos``; every metric also
+act on every position except the first (BOS) unless ``EvalConfig.splice_bos`` (zero ablation
+also with ``EvalConfig.zero_ablate_bos``, SAEBench's convention); every metric also
 per corpus subset and per position bin (1, 2–3, 4–7, … in the packed sequence).
+
+A transcoder (site ``layer_L/transcoder``) is measured on its target: it reads ``mlp_in`` and
+every reconstruction metric compares its prediction with ``mlp_out``; splicing replaces
+``mlp_out`` by the prediction from the same forward's ``mlp_in``; zero ablation zeroes ``mlp_out``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class EvalConfig:
     zero_ablation: bool = True
     #: also splice (and zero-ablate) the BOS position; off by default (module docstring)
     splice_bos: bool = False
+    #: zero-ablate the BOS position too (SAELens's and SAEBench's zero ablation zeroes every
+    #: position, while their splice leaves special tokens clean); splicing is unaffected
+    zero_ablate_bos: bool = False
     #: sequences per forward; None: about ``batch_tokens`` tokens, fewer where a batch's
     #: latents (tokens × widest SAE) or kept clean log-probs (soft-capped or non-float32 heads
     #: only) would exceed ``memory_mb``
@@ -156,7 +164,7 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
     per_loss_batch = 1 + (len(sites) if cfg.zero_ablation else 0) + len(saes)
     bar = tqdm(total=len(loss_batches) * per_loss_batch + len(recon_batches), unit="fwd", desc="eval",
                disable=not cfg.progress)
-    zero_hook = ZeroHook(skip_bos=not cfg.splice_bos)
+    zero_hook = ZeroHook(skip_bos=not (cfg.splice_bos or cfg.zero_ablate_bos))
     with matmul_weights_in(model, autocast):  # bf16 copies of the weights only for the loss forwards
         for rows in loss_batches:
             batch = Batch(model, corpus, rows, scored, autocast)
@@ -196,6 +204,7 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
         "subsets": list(corpus.subsets),
         "zero_ablation": cfg.zero_ablation,
         "splice_bos": cfg.splice_bos,
+        "zero_ablate_bos": cfg.zero_ablate_bos or cfg.splice_bos,
         "batch_seqs": batch_seqs,
     }
     return {"saes": results, "sites": site_figures, "info": info}
@@ -203,7 +212,8 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
 
 def _sae_metrics(site: Site, sae: SAE, t: Accumulators, zero_subset: M.LossStats, zero_position: M.LossStats,
                  subsets: list[str], bins: list[tuple[int, int]]) -> dict:
-    out: dict = {"site": site.name, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
+    out: dict = {"site": site.name, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                 **({"d_out": sae.cfg.d_out} if sae.is_transcoder else {})}
     out.update(t.recon_subset.summary())
     out.update(M.loss_metrics(t.loss_subset.means(merged=True)[0], zero_subset.means(merged=True)[0]))
 
@@ -225,6 +235,7 @@ def _sae_metrics(site: Site, sae: SAE, t: Accumulators, zero_subset: M.LossStats
         **{k: [row.get(k, 0 if k.startswith("n_") else math.nan) for row in per_bin] for k in names},
     }
     out["firing_histogram"] = M.firing_histogram(t.recon_subset.firing_counts(), out.get("n_tokens", 0))
+    out["saebench"] = M.saebench_core(out)
     return out
 
 
@@ -235,7 +246,10 @@ def prefix_key(folder, m: int) -> str:
 
 #: the scalar metrics, in the order tables show them
 SCALAR_METRICS = ("l0", "fvu", "fvu_std", "mse", "cossim", "l2_ratio", "delta_loss", "ce_loss_score", "kl_div",
-                  "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation")
+                  "frac_dead", "frac_high_freq", "ce_clean", "ce_spliced", "ce_zero_ablation",
+                  # SAEBench's core figures not above (metrics.json's "saebench" block has them all)
+                  "explained_variance", "kl_div_score", "kl_div_with_ablation", "relative_reconstruction_bias",
+                  "l1", "l2_norm_in", "l2_norm_out", "frac_alive")
 
 
 def evaluate_release(root: str | Path, model: nn.Module, corpus: TokenizedCorpus, cfg: EvalConfig | None = None,

@@ -1,7 +1,8 @@
 """Collect what every latent of every SAE does, in one streaming pass over a corpus.
 
 One model forward per batch serves all SAEs: every needed site is captured at once and the
-forward stops after the deepest one (no logits).  Each SAE then encodes its site and feeds the
+forward stops after the deepest one (no logits).  Each SAE then encodes its site (a
+transcoder: the MLP input it reads; its decoder rows write into ``mlp_out``) and feeds the
 streaming collectors of :mod:`saescope.features.stats`: firing counts and histograms, the top-k
 activating contexts, a uniform sample of contexts per activation octave, and a token -> latents
 index.  After the pass, each latent's direct logit effect is computed from its decoder row
@@ -34,7 +35,7 @@ from saescope.features.stats import (
 from saescope.features.store import DB_NAME, FeatureWriter
 from saescope.features.token_text import token_bytes
 from saescope.locks import folder_lock
-from saescope.sites import Site, capture, check_sae_fits
+from saescope.sites import Site, capture, check_sae_fits, io_sites
 
 #: log10(frequency) bin edges of each SAE's latent-density histogram
 DENSITY_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]
@@ -220,7 +221,7 @@ def _collect(model, tokenizer, corpus, saes, out_dir: Path, cfg: FeatureConfig) 
     collectors = {
         name: SAECollector(sae.cfg.d_sae, vocab, cfg, device, cfg.seed + i) for i, (name, (_, sae)) in enumerate(saes.items())
     }
-    sites = sorted({site for site, _ in saes.values()})
+    sites = sorted({io_sites(site)[0] for site, _ in saes.values()})  # what each SAE reads (a transcoder: mlp_in)
 
     t0 = time.perf_counter()
     n_tokens = 0
@@ -230,7 +231,7 @@ def _collect(model, tokenizer, corpus, saes, out_dir: Path, cfg: FeatureConfig) 
         keep_BT = torch.as_tensor(corpus.keep_mask[start : start + seqs_per_batch], device=device)
         acts = capture(model, sites, ids_BT)
         for name, (site, sae) in saes.items():
-            ev = Events.from_acts(_encode(sae, acts[site]), ids_BT, keep_BT)
+            ev = Events.from_acts(_encode(sae, acts[io_sites(site)[0]]), ids_BT, keep_BT)
             collectors[name].update(ev, token_offset=start * T)
         kept = int(keep_BT.sum())
         n_tokens += kept

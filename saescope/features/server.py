@@ -70,7 +70,7 @@ class LiveModel:
     def run(self, sae_id: int, text: str, latent: int | None = None, top: int = 8) -> dict:
         import torch
 
-        from saescope.sites import Site, capture
+        from saescope.sites import Site, capture, io_sites
 
         from saescope.sites import check_sae_fits
 
@@ -89,7 +89,8 @@ class LiveModel:
             sae.to(device)
             ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :LIVE_MAX_TOKENS].to(device)
             with torch.no_grad():
-                x_TD = capture(model, [site], ids)[site][0]
+                x_site = io_sites(site)[0]  # a transcoder reads its mlp_in
+                x_TD = capture(model, [x_site], ids)[x_site][0]
                 f_TF = sae.encode(x_TD.to(sae.W_enc.dtype)).float()
             vals, lats = f_TF.topk(min(top, f_TF.shape[1]), dim=1)
             id_list = ids[0].tolist()

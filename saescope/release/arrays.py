@@ -18,7 +18,12 @@ RELEASED_ARRAYS = {
     "batchtopk": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
     "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
     "relu": ("W_enc", "W_dec", "b_enc", "b_dec"),
+    # transcoders: W_dec (d_sae, d_out), b_dec (d_out), W_skip (d_in, d_out)
+    "jumprelu_transcoder": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
+    "jumprelu_skip_transcoder": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip"),
 }
+#: architectures whose output is another site's (W_dec's width is d_out, not d_in)
+TRANSCODER_ARCHITECTURES = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
 _ACCEPTED_DTYPES = ("float32", "float16", "bfloat16")
 
 def read_arrays(file: Path) -> dict[str, np.ndarray]:
@@ -62,10 +67,12 @@ def read_arrays(file: Path) -> dict[str, np.ndarray]:
 
 
 def standard_names(file: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """SAELens's conventions: lowercase ``w_enc``/``w_dec`` keys; an optional per-latent
+    """SAELens's and Gemma Scope 2's conventions: lowercase ``w_enc``/``w_dec`` keys, Gemma Scope
+    2's ``affine_skip_connection`` (our ``W_skip``, the same (d_in, d_out) orientation); an optional per-latent
     ``scaling_factor`` (all ones is dropped; otherwise folded into the decoder rows, which is
     exact: (f·s)·W_dec = f·(s·W_dec))."""
-    arrays = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in raw.items()}
+    arrays = {("W_" + k[2:] if k.startswith("w_") else "W_skip" if k == "affine_skip_connection" else k): v
+              for k, v in raw.items()}
     if len(arrays) != len(raw):
         raise ValueError(f"{file}: holds both lowercase and uppercase copies of a weight ({', '.join(sorted(raw))})")
     scale = arrays.pop("scaling_factor", None)
@@ -87,7 +94,11 @@ def check_arrays(file: Path, arrays: dict[str, np.ndarray], architecture: str) -
     if arrays["W_enc"].ndim != 2:
         raise ValueError(f"{file}: W_enc must be 2-D (d_in, d_sae), got shape {arrays['W_enc'].shape}")
     d_in, d_sae = arrays["W_enc"].shape
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    d_out = d_in
+    if architecture in TRANSCODER_ARCHITECTURES and arrays["W_dec"].ndim == 2:
+        d_out = arrays["W_dec"].shape[1]
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,),
+                "threshold": (d_sae,), "W_skip": (d_in, d_out)}
     for name in names:
         if arrays[name].shape != expected[name]:
             raise ValueError(

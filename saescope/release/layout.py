@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from saescope.sites import SITE_KINDS, Site
+from saescope.sites import KNOWN_KINDS, Site
 
 PARAMS_NPZ = "params.npz"
 PARAMS_SAFETENSORS = "params.safetensors"
@@ -26,6 +26,14 @@ METRICS_JSON = "metrics.json"
 #: Gemma Scope repositories (google/gemma-scope-2b-pt-res, …; in the hub cache models--google--…)
 GEMMA_SCOPE_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att)(?![a-z])")
 GEMMA_SCOPE_KINDS = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}
+#: the tail of a Gemma Scope 2 SAE folder's path, ``{site}[_all]/layer_L_width_W_l0_LABEL[_affine]``
+#: (:mod:`saescope.release.gemma_scope_2`; a trailing ``_2`` … is ours: two SAEs with one label)
+GS2_FOLDER = re.compile(
+    r"(?:^|/)(resid_post|attn_out|mlp_out|transcoder)(_all)?/"
+    r"layer_(\d+)_width_(\d+[km]?)_l0_([a-z0-9]+?)(_affine)?(?:_(\d+))?$"
+)
+#: Gemma Scope 2's site folders → saescope site kinds (its attn_out is the o_proj input: attn_z)
+GS2_KINDS = {"resid_post": "resid_post", "attn_out": "attn_z", "mlp_out": "mlp_out", "transcoder": "transcoder"}
 #: the tail every release folder's path ends with
 RELEASE_TAIL = re.compile(r"(?:^|/)layer_(\d+)/width_([0-9]+[km]?)/average_l0_(\d+)$")
 
@@ -119,7 +127,8 @@ def folder_name(folder: Path, root: Path) -> str:
 def _config_value(config: dict | None, key: str):
     if not config:
         return None
-    return config.get(key) or (config.get("metadata") or {}).get(key)
+    # ours at the top; SAELens's under metadata; ours in a Gemma Scope 2 config.json under saescope
+    return config.get(key) or (config.get("metadata") or {}).get(key) or (config.get("saescope") or {}).get(key)
 
 
 def folder_site(folder: Path, config: dict | None = None, kind: str | None = None) -> Site:
@@ -130,13 +139,16 @@ def folder_site(folder: Path, config: dict | None = None, kind: str | None = Non
     name = _config_value(config, "site")
     if name and kind is None:
         return Site.parse(name)
+    gs2 = GS2_FOLDER.search(folder.resolve().as_posix())
+    if gs2 and GS2_KINDS[gs2.group(1)] in KNOWN_KINDS:
+        return Site(int(gs2.group(3)), kind or GS2_KINDS[gs2.group(1)])
     layer = path_kind = None
     for part in reversed(folder.resolve().parts):
         m = re.fullmatch(r"layer_(\d+)", part)
         if m and layer is None:
             layer = int(m.group(1))
         if path_kind is None:
-            if part in SITE_KINDS:
+            if part in KNOWN_KINDS:
                 path_kind = part
             elif repo := GEMMA_SCOPE_REPO.search(part):
                 path_kind = GEMMA_SCOPE_KINDS[repo.group(3)]
@@ -146,7 +158,7 @@ def folder_site(folder: Path, config: dict | None = None, kind: str | None = Non
     if layer is None or kind is None:
         raise ValueError(
             f"cannot tell the site of {folder}: its config.json has no 'site' and the path does not "
-            f"name both a 'layer_<L>' folder and a kind ({', '.join(SITE_KINDS)}); pass the kind explicitly"
+            f"name both a 'layer_<L>' folder and a kind ({', '.join(KNOWN_KINDS)}); pass the kind explicitly"
         )
     return Site(layer, kind)
 

@@ -2,7 +2,9 @@
 config and metrics (:func:`load_release`, the counterpart of other libraries' ``load_many``).
 
 Gemma Scope's folders (``params.npz`` only) load unchanged: their config is inferred from the
-path as SAELens does, their site from :func:`saescope.release.layout.folder_site`.  SAELens's
+path as SAELens does, their site from :func:`saescope.release.layout.folder_site`.  Gemma Scope
+2's folders (lowercase keys in ``params.safetensors``, a small config.json or none) load
+through :mod:`saescope.release.gemma_scope_2`.  SAELens's
 folders (``cfg.json`` + ``sae_weights.safetensors``) load through :mod:`saescope.release.saelens`.
 """
 
@@ -17,6 +19,7 @@ import torch
 
 from saescope.errors import IntegrityError
 from saescope.jsonio import read_json
+from saescope.release import gemma_scope_2
 from saescope.release.arrays import RELEASED_ARRAYS, check_arrays, params_file, read_arrays, standard_names
 from saescope.release.layout import (
     CHECKSUMS,
@@ -129,7 +132,9 @@ def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
     verify_checksums(folder)
     arrays = standard_names(file, read_arrays(file))
     config = read_json(folder / CONFIG_JSON)
-    if config is None:
+    if gemma_scope_2.is_gs2_config(config) or (config is None and gemma_scope_2.match_folder(folder)):
+        config = gemma_scope_2.read_config(folder, config, arrays)
+    elif config is None:
         config = infer_config(folder, arrays)
     architecture = config.get("architecture")
     if architecture not in RELEASED_ARRAYS or architecture not in ARCHITECTURES:
@@ -142,7 +147,11 @@ def _load(path: Path, device) -> tuple[SAE, dict[str, Any], Path]:
         raise ValueError(f"{folder}: the path says width_{config['width']}, but the arrays have d_sae = {d_sae}")
 
     saved = config["sae_config"] if isinstance(config.get("sae_config"), dict) else {}
-    cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "d_sae": d_sae, "architecture": architecture, "centre_input": False,
+    d_out = int(arrays["W_dec"].shape[1])
+    if config.get("d_out", d_out) != d_out:
+        raise ValueError(f"{folder}: config says d_out = {config['d_out']}, but the arrays have d_out = {d_out}")
+    cfg = SAEConfig.from_dict({**saved, "d_in": d_in, "d_sae": d_sae, "d_out": d_out, "architecture": architecture,
+                               "centre_input": False,
                                **({"k": int(config["k"])} if config.get("k") is not None else {})})
     with torch.random.fork_rng(devices=[]):  # initialisation is overwritten; keep the caller's RNG
         sae = build_sae(cfg)

@@ -6,7 +6,9 @@
 :func:`read_saelens` reads such a folder (``saescope.load_sae`` dispatches to it).  The format, as SAELens 6.54's ``save_model`` writes it:
 
 * weights ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_enc``, ``b_dec`` (+ ``threshold``
-  for JumpReLU) — Gemma Scope's names and orientation, float32;
+  for JumpReLU) — Gemma Scope's names and orientation, float32; transcoders (SAELens's
+  ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``) have ``W_dec`` (d_sae, d_out), ``d_out``
+  in cfg.json and ``W_skip`` stored (d_out, d_in), the transpose of ours;
 * ``cfg.json``: ``architecture`` (``jumprelu``, ``topk`` with ``k``, ``standard``), ``d_in``,
   ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input`` (subtract b_dec before the encoder:
   False for released saescope and Gemma Scope SAEs), ``normalize_activations`` ("none": our
@@ -36,16 +38,25 @@ WEIGHTS = "sae_weights.safetensors"
 #: the SAELens version whose format this writes (and the version tested against)
 SAELENS_FORMAT_VERSION = "6.54.12"
 #: saescope architecture -> SAELens architecture
-TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard"}
-FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
+TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard",
+              "jumprelu_transcoder": "jumprelu_transcoder", "jumprelu_skip_transcoder": "jumprelu_skip_transcoder",
+              "batchtopk_transcoder": "jumprelu_transcoder", "batchtopk_skip_transcoder": "jumprelu_skip_transcoder"}
+FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu",
+                "jumprelu_transcoder": "jumprelu_transcoder", "jumprelu_skip_transcoder": "jumprelu_skip_transcoder"}
+#: a transcoder's hooks, as SAELens's own Gemma Scope 2 loader names them (``hook_mlp_in`` is
+#: TransformerLens's name for the MLP's input; the Hugging Face module paths say exactly which tensor)
+_TRANSCODER_HOOKS = ("blocks.{layer}.hook_mlp_in", "blocks.{layer}.hook_mlp_out")
 _HOOKS = {"resid_post": "blocks.{layer}.hook_resid_post", "mlp_out": "blocks.{layer}.hook_mlp_out",
           "attn_z": "blocks.{layer}.attn.hook_z"}
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|attn\.hook_z)$")
-_KIND_OF_HOOK = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z"}
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|attn\.hook_z|hook_mlp_in)$")
+_KIND_OF_HOOK = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "attn.hook_z": "attn_z",
+                 "hook_mlp_in": "transcoder"}
 
 
 def hook_name(site: Site) -> str:
     """TransformerLens's name for ``site`` (the hook SAELens splices at)."""
+    if site.kind == "transcoder":
+        return _TRANSCODER_HOOKS[0].format(layer=site.layer)
     if site.kind not in _HOOKS:
         raise ValueError(f"site {site}: SAELens has no hook for kind {site.kind!r}")
     return _HOOKS[site.kind].format(layer=site.layer)
@@ -93,7 +104,23 @@ def saelens_config(sae: SAE, site: Site, config: dict[str, Any]) -> dict[str, An
     }
     if architecture == "topk":
         cfg.update(k=int(sae.cfg.k), rescale_acts_by_decoder_norm=False)
+    if sae.is_transcoder:
+        from saescope.release.gemma_scope_2 import hook_points
+
+        points = hook_points(site)
+        cfg["d_out"] = int(sae.cfg.d_out)
+        cfg["metadata"].update(hook_name_out=_TRANSCODER_HOOKS[1].format(layer=site.layer),
+                               hf_hook_name=points["hf_hook_point_in"], hf_hook_name_out=points["hf_hook_point_out"])
     return cfg
+
+
+def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
+    """The weights SAELens reads: saescope's arrays, with ``W_skip`` as SAELens's (d_out, d_in)
+    (saescope and Gemma Scope 2 store it (d_in, d_out); SAELens adds ``x @ W_skip.T``)."""
+    tensors = {name: t.contiguous() for name, t in sae.to_arrays().items()}
+    if "W_skip" in tensors:
+        tensors["W_skip"] = tensors["W_skip"].T.contiguous()
+    return tensors
 
 
 def read_saelens(folder: Path, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
@@ -121,24 +148,32 @@ def read_saelens(folder: Path, device: str | torch.device = "cpu") -> tuple[SAE,
         weights = load_file(str(folder / WEIGHTS))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{folder / WEIGHTS}: cannot read it ({err})") from None
-    needed = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
+    transcoder = architecture.endswith("transcoder")
+    skip = architecture.endswith("skip_transcoder")
+    needed = (("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if architecture.startswith("jumprelu") else ())
+              + (("W_skip",) if skip else ()))
     missing = [n for n in needed if n not in weights]
     if missing:
         raise ValueError(f"{folder / WEIGHTS}: missing {', '.join(missing)}")
     W_enc = weights["W_enc"].float()
     d_in, d_sae = W_enc.shape
-    if weights["W_dec"].shape != (d_sae, d_in):
-        raise ValueError(f"{folder / WEIGHTS}: W_dec has shape {tuple(weights['W_dec'].shape)}, expected {(d_sae, d_in)}")
+    d_out = int(weights["W_dec"].shape[-1]) if transcoder else d_in
+    if weights["W_dec"].shape != (d_sae, d_out):
+        raise ValueError(f"{folder / WEIGHTS}: W_dec has shape {tuple(weights['W_dec'].shape)}, expected {(d_sae, d_out)}")
+    if skip and weights["W_skip"].shape != (d_out, d_in):
+        raise ValueError(f"{folder / WEIGHTS}: W_skip has shape {tuple(weights['W_skip'].shape)}, expected {(d_out, d_in)}")
     b_enc = weights["b_enc"].float()
-    if cfg.get("apply_b_dec_to_input", True):
+    if cfg.get("apply_b_dec_to_input", not transcoder):
         b_enc = b_enc - weights["b_dec"].float() @ W_enc
     k = cfg.get("k") if architecture == "topk" else None
     with torch.random.fork_rng(devices=[]):
         sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, centre_input=False,
-                                  **({"k": int(k)} if k is not None else {})))
+                                  **({"k": int(k)} if k is not None else {}), **({"d_out": d_out} if transcoder else {})))
     arrays = {"W_enc": W_enc, "W_dec": weights["W_dec"].float(), "b_enc": b_enc, "b_dec": weights["b_dec"].float()}
-    if architecture == "jumprelu":
+    if "threshold" in needed:
         arrays["threshold"] = weights["threshold"].float()
+    if skip:
+        arrays["W_skip"] = weights["W_skip"].float().T.contiguous()
     sae.load_arrays(arrays)
     metadata = cfg.get("metadata") or {}
     config: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,

@@ -8,7 +8,7 @@ from pathlib import Path
 from saescope.jsonio import read_json
 from saescope.release.layout import find_sae_folders, folder_name, folder_site, release_root
 from saescope.release.metrics import CANONICAL_L0, choose_canonical, read_canonical, read_metrics
-from saescope.sites import SITE_KINDS, Site
+from saescope.sites import KNOWN_KINDS, Site
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ReportData:
     @property
     def kinds(self) -> list[str]:
         present = {e.site.kind for e in self.entries}
-        return [k for k in SITE_KINDS if k in present]
+        return [k for k in KNOWN_KINDS if k in present]
 
     def of_kind(self, kind: str) -> list[SAEEntry]:
         return [e for e in self.entries if e.site.kind == kind]
@@ -70,7 +70,7 @@ def load_report_data(run_or_release: str | Path, canonical_l0: float | None = No
     if not entries:
         raise FileNotFoundError(f"no evaluated SAE under {root} (no metrics.json from an evaluation); "
                                 "run `saescope eval` first")
-    entries.sort(key=lambda e: (SITE_KINDS.index(e.site.kind), e.site.layer, e.get("l0"), e.path))
+    entries.sort(key=lambda e: (KNOWN_KINDS.index(e.site.kind), e.site.layer, e.get("l0"), e.path))
     info = (read_json(root / "eval.json") or {}).get("info", {})
     by_path = {e.path: e for e in entries}
     canonical = canonical_entries(entries, CANONICAL_L0 if canonical_l0 is None else canonical_l0)

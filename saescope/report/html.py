@@ -19,11 +19,13 @@ COLUMNS = (  # what the model feels first (loss), then reconstruction
     ("delta_loss", "Δ loss", "{:.4f}", True),
     ("ce_loss_score", "CE recovered", "{:.4f}", False),
     ("kl_div", "KL", "{:.4f}", True),
+    ("kl_div_score", "KL score", "{:.4f}", False),  # SAEBench's
     ("fvu_std", "FVU (per-dim std.)", "{:.4f}", True),
     ("fvu", "FVU", "{:.4f}", True),
     ("mse", "MSE", "{:.4g}", None),
     ("cossim", "cos(x, x̂)", "{:.4f}", False),
     ("l2_ratio", "‖x̂‖/‖x‖", "{:.3f}", None),
+    ("relative_reconstruction_bias", "rel. bias", "{:.3f}", None),  # SAEBench's Σ‖x̂‖²/Σx·x̂
     ("frac_dead", "dead", "{:.2%}", True),
     ("frac_high_freq", ">10% freq", "{:.2%}", True),
 )
@@ -117,9 +119,12 @@ def _kind_summary(data: ReportData) -> str:
                     f"<td>{_fmt(mean('delta_loss'), '{:.4f}')}</td><td>{_fmt(mean('ce_loss_score'), '{:.3f}')}</td>"
                     f"<td>{_fmt(low('ce_loss_score'), '{:.3f}')}</td><td>{_fmt(mean('fvu_std'), '{:.4f}')}</td>"
                     f"<td>{_fmt(mean('fvu'), '{:.4f}')}</td></tr>")
+    note = ("<p class='note'>transcoder: reads the MLP's input (mlp_in) and predicts its output (mlp_out); its FVU "
+            "is of mlp_out, its Δ loss splices the prediction in place of mlp_out, and CE recovered is against "
+            "zeroing mlp_out.</p>" if "transcoder" in data.kinds else "")
     return ("<table><thead><tr><th>site kind</th><th>sites</th><th>mean L0</th><th>mean Δ loss</th>"
             "<th>mean CE recovered</th><th>worst CE recovered</th><th>mean FVU (per-dim std.)</th>"
-            "<th>mean FVU</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            "<th>mean FVU</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>" + note)
 
 
 def write_report(run_or_release: str | Path, out_dir: str | Path | None = None, *,

@@ -18,8 +18,10 @@ import numpy as np
 from saescope.report.data import ReportData, SAEEntry
 
 KIND_TITLES = {"resid_post": "residual stream (resid_post)", "attn_z": "attention (attn_z)",
-               "mlp_out": "MLP output (mlp_out)"}
-KIND_COLORS = {"resid_post": "tab:blue", "attn_z": "tab:orange", "mlp_out": "tab:green"}
+               "mlp_out": "MLP output (mlp_out)", "mlp_in": "MLP input (mlp_in)",
+               "transcoder": "transcoder (mlp_in → mlp_out)"}
+KIND_COLORS = {"resid_post": "tab:blue", "attn_z": "tab:orange", "mlp_out": "tab:green", "mlp_in": "tab:olive",
+               "transcoder": "tab:purple"}
 DPI = 110
 
 

@@ -97,6 +97,8 @@ class SAE(nn.Module):
     """
 
     architecture: ClassVar[str] = ""
+    #: reads one site and predicts another (:mod:`saescope.sae.transcoder`); its loss takes a target
+    is_transcoder: ClassVar[bool] = False
     #: latents can be rescaled one by one without changing predictions (per-latent gates, no
     #: ranking across latents): the release fold then makes every decoder row unit-norm
     latents_rescalable: ClassVar[bool] = False
@@ -106,10 +108,11 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, F = cfg.d_in, cfg.d_sae
+        D_out = getattr(cfg, "d_out", None) or D  # a transcoder predicts another site (its cfg.d_out)
         self.W_enc = nn.Parameter(torch.empty(D, F))
-        self.W_dec = nn.Parameter(torch.empty(F, D))
+        self.W_dec = nn.Parameter(torch.empty(F, D_out))
         self.b_enc = nn.Parameter(torch.zeros(F))
-        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.b_dec = nn.Parameter(torch.zeros(D_out))
         #: tokens since each latent last fired: the one dead-latent counter.  It lives on the SAE
         #: so it travels with it (state_dict, device, latent shards) and TopK's AuxK reads it;
         #: :class:`~saescope.train.sae_trainer.SAETrainer` advances it after every step
@@ -141,8 +144,14 @@ class SAE(nn.Module):
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         return f_BF @ self.W_dec + self.b_dec
 
+    def predict(self, x_BD: torch.Tensor, f_BF: torch.Tensor | None = None) -> torch.Tensor:
+        """The output for input ``x`` from its latents ``f`` (computed if not given): ``decode(f)``;
+        a skip transcoder adds ``x·W_skip``.  Code that splices or measures an SAE's output calls
+        this, so a skip path is never left out."""
+        return self.decode(self.encode(x_BD) if f_BF is None else f_BF)
+
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x_BD))
+        return self.predict(x_BD)
 
     @torch.no_grad()
     def mean_l0(self, x_BD: torch.Tensor) -> float:
@@ -151,6 +160,7 @@ class SAE(nn.Module):
         return float((self.encode(x_BD) != 0).sum(-1).double().mean())
 
     def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float) -> LossOutput:
+        """The training loss on (normalised) ``x``; a transcoder's also takes ``target_BD=y``."""
         raise NotImplementedError
 
     @torch.no_grad()

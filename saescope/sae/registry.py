@@ -11,6 +11,16 @@ from saescope.sae.matryoshka_batchtopk import MatryoshkaBatchTopKConfig, Matryos
 from saescope.sae.matryoshka_jumprelu import MatryoshkaJumpReLUConfig, MatryoshkaJumpReLUSAE
 from saescope.sae.relu import ReLUSAE
 from saescope.sae.topk import TopKConfig, TopKSAE
+from saescope.sae.transcoder import (
+    BatchTopKSkipTranscoder,
+    BatchTopKSkipTranscoderConfig,
+    BatchTopKTranscoder,
+    BatchTopKTranscoderConfig,
+    JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
+)
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
 
@@ -28,9 +38,10 @@ register("batchtopk", BatchTopKSAE, TopKConfig)  # the same options as TopK
 register("relu", ReLUSAE)
 register("matryoshka_jumprelu", MatryoshkaJumpReLUSAE, MatryoshkaJumpReLUConfig)
 register("matryoshka_batchtopk", MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKConfig)
-
-#: architectures trained with JumpReLU's objective (a λ or a target L0; the frequency penalty)
-JUMPRELU_FAMILY = frozenset({"jumprelu", "matryoshka_jumprelu"})
+register("jumprelu_transcoder", JumpReLUTranscoder, JumpReLUTranscoderConfig)
+register("jumprelu_skip_transcoder", JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)
+register("batchtopk_transcoder", BatchTopKTranscoder, BatchTopKTranscoderConfig)
+register("batchtopk_skip_transcoder", BatchTopKSkipTranscoder, BatchTopKSkipTranscoderConfig)
 
 
 def build_sae(cfg: SAEConfig) -> SAE:

@@ -188,6 +188,8 @@ class KLFinetune:
         self.cfg = cfg = cfg or FinetuneConfig()
         if not isinstance(sae, JumpReLUSAE) or sae.cfg.centre_input:
             raise ValueError("the KL fine-tune takes a release-form JumpReLU SAE (load it with saescope.load_sae)")
+        if sae.is_transcoder:
+            raise ValueError("the KL fine-tune does not handle transcoders yet")
         width = site_width(model, site)
         if sae.cfg.d_in != width:
             raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match site {site} (width {width})")

@@ -20,7 +20,8 @@ def release_results(trainer: Trainer, results: list[TrainedSAE], *, folders: boo
     B = trainer.recipe.batch_size
     with folder_lock(trainer.out_dir, "training run"):
         written, entries = release_trained(results, trainer.out_dir / "release", model_name=trainer.model_name,
-                                           recipe=trainer.recipe.to_dict(), batch_size=B, write_folders=folders)
+                                           recipe=trainer.recipe.to_dict(), batch_size=B, write_folders=folders,
+                                           layout=trainer.options.release_layout)
         write_json(trainer.out_dir / SUMMARY_JSON, {"n_steps": trainer.n_steps, "tokens": trainer.n_steps * B,
                                                     "saes": entries}, indent=1, sort_keys=True)
     return written

@@ -1,7 +1,8 @@
 """One SAE, its Adam optimiser and its schedules: ``SAETrainer.update(step, x_BD)``.
 
 This is the seam people writing their own loops use (as dictionary_learning's trainers), and the
-unit :class:`saescope.train.trainer.Trainer` runs many of per data pass.  A step is:
+unit :class:`saescope.train.trainer.Trainer` runs many of per data pass.  A transcoder's step is
+``update(step, x_BD, y_BD)``: input and target, each behind its own map.  A step is:
 
 1. divide the raw batch by the site's scale C (so E‖x‖² = 1, the units ε and θ₀ assume); at
    step 0, b_dec and (target-L0 SAEs, ``threshold_init_mode="quantile"``) θ from this batch;
@@ -42,7 +43,8 @@ class NonFiniteError(RuntimeError):
 
 
 class SAETrainer:
-    """Trains one SAE.  ``sae`` is in training form (``centre_input=True``) on ``device``.
+    """Trains one SAE (or transcoder).  ``sae`` is in training form (an SAE: ``centre_input=True``;
+    a transcoder never centres) on ``device``.
 
     Args:
         sae: the model to train.
@@ -53,6 +55,8 @@ class SAETrainer:
         input_scale: C for this SAE's site; batches are divided by it.
         input_norm: instead of ``input_scale``, any :class:`~saescope.sae.input_norm.InputNorm`
             (e.g. per-dimension); metrics are then still reported in raw units.
+        target_scale, target_norm: a transcoder's map of its target y, as ``input_scale`` and
+            ``input_norm`` are of its input (metrics are measured on y).
         name, site: for error messages and logs.
         reduce_grads: called with the SAE after backward, before the gradients are read
             (data-parallel all-reduce).
@@ -69,6 +73,8 @@ class SAETrainer:
         n_steps: int,
         input_scale: float = 1.0,
         input_norm: InputNorm | None = None,
+        target_scale: float = 1.0,
+        target_norm: InputNorm | None = None,
         name: str = "sae",
         site: Site | None = None,
         reduce_grads: Callable[[SAE], None] | None = None,
@@ -93,6 +99,11 @@ class SAETrainer:
             self.input_scale, input_norm = input_norm.scalar, None
         #: a non-scalar input map (None: divide by ``input_scale``)
         self.input_norm = input_norm
+        self.target_scale = float(target_scale)
+        if target_norm is not None and target_norm.mode == "scalar":
+            self.target_scale, target_norm = target_norm.scalar, None
+        #: a transcoder's non-scalar target map (None: divide by ``target_scale``)
+        self.target_norm = target_norm
         self.name = name
         self.site = site
         self.reduce_grads = reduce_grads
@@ -118,31 +129,40 @@ class SAETrainer:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def update(self, step: int, x_BD: torch.Tensor, *, return_metrics: bool = True) -> dict[str, float] | None:
-        """One optimiser step on raw activations ``x_BD``.  Returns this step's metrics as floats
-        (one device sync) unless ``return_metrics`` is False.  Raises :class:`NonFiniteError`."""
+    def update(self, step: int, x_BD: torch.Tensor, y_BD: torch.Tensor | None = None, *,
+               return_metrics: bool = True) -> dict[str, float] | None:
+        """One optimiser step on raw activations ``x_BD`` (a transcoder: predicting raw ``y_BD``).
+        Returns this step's metrics as floats (one device sync) unless ``return_metrics`` is
+        False.  Raises :class:`NonFiniteError`."""
         if self.error is not None:
             raise RuntimeError(f"SAE {self.name} already stopped: {self.error}")
         sae, recipe = self.sae, self.recipe
+        if (y_BD is None) == bool(getattr(sae, "is_transcoder", False)):
+            raise ValueError(f"{self.name}: a transcoder trains on (x, y) pairs, an SAE on x alone")
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
         x_BD = self.input_norm.apply(x_BD) if self.input_norm is not None else x_BD / self.input_scale
+        target = {}
+        if y_BD is not None:
+            y_BD = y_BD.to(self.device, torch.float32, non_blocking=True)
+            y_BD = self.target_norm.apply(y_BD) if self.target_norm is not None else y_BD / self.target_scale
+            target = {"target_BD": y_BD}
         lr = recipe.lr_at(step, self.n_steps)
         coefficient = self.sparsity_coefficient * recipe.sparsity_factor_at(step, self.target_l0 is not None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if step == 0 and self.recipe.b_dec_init == "mean":
             with torch.no_grad():
-                self.sae.b_dec.copy_(x_BD.mean(dim=0))
+                self.sae.b_dec.copy_((x_BD if y_BD is None else y_BD).mean(dim=0))
         if step == 0 and self.quantile_init:
             sae.init_threshold_at_l0_(x_BD, self.target_l0, recipe.threshold_min)
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=recipe.dtype == "bfloat16"):
-            out = sae.loss(x_BD, coefficient)
+            out = sae.loss(x_BD, coefficient, **target)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         if self.reduce_grads is not None:
             self.reduce_grads(sae)
-        self._check_finite(step, x_BD, out.total)
+        self._check_finite(step, x_BD if y_BD is None else torch.cat([x_BD, y_BD], 1), out.total)
 
         if recipe.decoder_unit_norm:
             sae.remove_parallel_decoder_grad_()
@@ -152,7 +172,7 @@ class SAETrainer:
         if hasattr(sae, "clamp_threshold_"):  # JumpReLU: θ must stay positive
             sae.clamp_threshold_(recipe.threshold_min)
 
-        step_sums = self._accumulate(x_BD, out, step)
+        step_sums = self._accumulate(x_BD if y_BD is None else y_BD, out, step)
         if step == self.n_steps - 1:  # the released SAE's L0, on the last batch
             if hasattr(sae, "calibrate_threshold_"):  # BatchTopK
                 sae.calibrate_threshold_(x_BD)
@@ -184,11 +204,13 @@ class SAETrainer:
 
     @torch.no_grad()
     def _accumulate(self, x_BD: torch.Tensor, out, step: int) -> torch.Tensor:
+        """Metric sums of a step on ``x_BD``, the normalised batch (a transcoder's: its target)."""
         B = x_BD.shape[0]
         x_hat_BD = out.x_hat_BD.float()
         err_BD, dev_BD = x_BD - x_hat_BD, x_BD - x_BD.mean(dim=0)
-        if self.input_norm is not None:  # FVU in raw units, as eval reports it
-            gain_D = self.input_norm.gain_D.to(self.device)
+        norm = self.target_norm if getattr(self.sae, "is_transcoder", False) else self.input_norm
+        if norm is not None:  # FVU in raw units, as eval reports it
+            gain_D = norm.gain_D.to(self.device)
             err_BD, dev_BD = err_BD / gain_D, dev_BD / gain_D
         resid_ss = err_BD.pow(2).sum()
         # FVU's denominator is the variance about the batch mean, not about zero.
@@ -224,14 +246,19 @@ class SAETrainer:
             "aux": named["aux"] / n,
             "fvu": named["resid_ss"] / named["total_ss"] if named["total_ss"] > 0 else float("nan"),
             #: ‖x − x̂‖² in raw activation units (mean over tokens)
-            "mse_raw": named["resid_ss"] / named["rows"] * (self.input_scale**2 if self.input_norm is None else 1.0)
-            if named["rows"] > 0 else float("nan"),
+            "mse_raw": named["resid_ss"] / named["rows"] * self._raw_factor() if named["rows"] > 0 else float("nan"),
             "dead_fraction": named["dead_fraction"],
             "lr": self.recipe.lr_at(step, self.n_steps),
             "sparsity_coefficient": self.sparsity_coefficient * self.recipe.sparsity_factor_at(step, self.target_l0
                                                                                                  is not None),
             **({"target_l0": self.target_l0} if self.target_l0 is not None else {}),
         }
+
+    def _raw_factor(self) -> float:
+        """From squared errors in the measured units to raw ones (per-dimension maps: already raw)."""
+        if getattr(self.sae, "is_transcoder", False):
+            return self.target_scale**2 if self.target_norm is None else 1.0
+        return self.input_scale**2 if self.input_norm is None else 1.0
 
     def pop_metrics(self) -> dict[str, float]:
         """Averages since the last call (MSE and FVU in normalised units; FVU is unit-free)."""

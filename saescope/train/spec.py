@@ -11,13 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from saescope.release.layout import width_label
+from saescope.sae.transcoder import TRANSCODER_ARCHITECTURES, transcoder_architecture
+from saescope.settings import PAIR_KINDS
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
-K_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka_batchtopk"})
+K_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka_batchtopk", *TRANSCODER_ARCHITECTURES["batchtopk"]})
+#: the architectures of transcoder sites
+TRANSCODERS = frozenset(a for pair in TRANSCODER_ARCHITECTURES.values() for a in pair)
 #: architectures trained with JumpReLU's objective: they take a target L0 (Gemma Scope 2's
 #: quadratic) and the frequency penalty
-JUMPRELU_FAMILY = frozenset({"jumprelu", "matryoshka_jumprelu"})
+JUMPRELU_FAMILY = frozenset({"jumprelu", "matryoshka_jumprelu", *TRANSCODER_ARCHITECTURES["jumprelu"]})
 #: architectures made of nested dictionaries (they take ``prefixes``)
 MATRYOSHKA = frozenset({"matryoshka_jumprelu", "matryoshka_batchtopk"})
 
@@ -49,6 +53,9 @@ class SAESpec:
             raise ValueError(f"SAESpec.site must be a Site or a site name, got {self.site!r}")
         if self.d_sae < 1:
             raise ValueError(f"d_sae must be >= 1, got {self.d_sae}")
+        if (self.architecture in TRANSCODERS) != (self.site.kind in PAIR_KINDS):
+            raise ValueError(f"{self.architecture} at {self.site}: transcoder architectures "
+                             f"({', '.join(sorted(TRANSCODERS))}) train at transcoder sites, and only they do")
         if self.architecture in K_ARCHITECTURES:
             if self.k is None or self.k < 1:
                 raise ValueError(f"{self.architecture} SAE on {self.site} needs k >= 1, got {self.k}")
@@ -119,11 +126,17 @@ def sweep(
     target_l0s: Iterable[float] = (),
     prefixes: Iterable[int] = (),
     seed: int = 0,
+    skip_connection: bool = False,
 ) -> list[SAESpec]:
-    """Every site × width × (λ, k or target L0) for one architecture, in a stable order.
+    """Every site × width × (λ, k or target L0) for one architecture, in a stable order.  At
+    transcoder sites the architecture becomes its transcoder (``jumprelu`` -> ``jumprelu_transcoder``,
+    or ``jumprelu_skip_transcoder`` with ``skip_connection``; likewise ``batchtopk``).
 
     With ``target_l0s`` (JumpReLU family) there is one SAE per target, each with the one λ of
     ``sparsity_coefficients`` as the quadratic's weight."""
+    sites = list(sites)
+    if any(site.kind in PAIR_KINDS for site in sites):
+        transcoder_architecture(architecture, skip_connection)  # refuses topk and relu at once
     targets = [float(t) for t in target_l0s]
     coefficients = [float(c) for c in sparsity_coefficients]
     prefixes = tuple(prefixes)
@@ -145,16 +158,16 @@ def sweep(
                          f"not {architecture}")
     specs = []
     for site in sites:
+        arch = transcoder_architecture(architecture, skip_connection) if site.kind in PAIR_KINDS else architecture
         for width in widths:
             for value in values:
                 if architecture in K_ARCHITECTURES:
-                    specs.append(SAESpec(site, architecture, width, k=int(value), seed=seed, **extra))
+                    specs.append(SAESpec(site, arch, width, k=int(value), seed=seed, **extra))
                 elif targets:
-                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=coefficients[0],
+                    specs.append(SAESpec(site, arch, width, sparsity_coefficient=coefficients[0],
                                          target_l0=float(value), seed=seed, **extra))
                 else:
-                    specs.append(SAESpec(site, architecture, width, sparsity_coefficient=float(value), seed=seed,
-                                         **extra))
+                    specs.append(SAESpec(site, arch, width, sparsity_coefficient=float(value), seed=seed, **extra))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -35,8 +35,10 @@ from saescope.corpora import canonical_name
 from saescope.locks import folder_lock
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sae.input_norm import InputNorm
-from saescope.sites import Site
+from saescope.settings import RELEASE_LAYOUTS
+from saescope.sites import Site, data_sites, io_sites
 from saescope.train.checkpoint import CheckpointDir
+from saescope.train.norms import estimate_input_norms, estimate_input_scales  # noqa: F401 (re-exported)
 from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
 from saescope.train.run_log import NullLog, RunLog, check_loggers
@@ -59,10 +61,15 @@ class TrainOptions:
     loggers: tuple[str, ...] = ()
     #: show a progress bar
     progress: bool = True
+    #: how the release names and writes its folders: "saescope" (ours, Gemma Scope 1's tail) or
+    #: "gemma-scope-2" (:mod:`saescope.release.gemma_scope_2`)
+    release_layout: str = "saescope"
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.release_layout not in RELEASE_LAYOUTS:
+            raise ValueError(f"unknown release layout {self.release_layout!r}; use one of {', '.join(RELEASE_LAYOUTS)}")
         check_loggers(tuple(self.loggers))
 
 
@@ -81,6 +88,8 @@ class TrainedSAE:
     norm: InputNorm | None = None
     #: L0 of the final weights' inference code on the last training batch
     released_l0: float | None = None
+    #: a transcoder's target map (its input's is ``norm``), folded into the release too
+    target_norm: InputNorm | None = None
 
 
 def scale_estimate_batches(recipe: Recipe, n_steps: int) -> int:
@@ -97,74 +106,6 @@ def planned_reads(recipe: Recipe, n_steps: int, start: int) -> list[tuple[int, i
     whose SAEs all stop reads fewer training batches, never more."""
     reads = [(0, scale_estimate_batches(recipe, n_steps))] if start == 0 else []
     return reads + [(start, n_steps - start)]
-
-
-@torch.no_grad()
-def estimate_input_scales(
-    source: BatchSource, sites: list[Site], *, batch_size: int, n_tokens: int, seed: int = 0,
-    reduce_sums=None,
-) -> dict[Site, float]:
-    """C per site = sqrt(mean ‖x‖²) over the first ``ceil(n_tokens / batch_size)`` batches.
-
-    Summed in float64 so millions of tokens add up without rounding drift.  A site whose estimate
-    is not a finite positive number maps to NaN (its SAEs are then stopped before step 0).
-    ``reduce_sums`` (data parallelism) sums, in place, the float64 vector of per-site Σ‖x‖² and
-    the row count over the ranks, so every rank gets the C of the whole global batches.
-    """
-    n_batches = max(1, math.ceil(n_tokens / batch_size))
-    sum_sq = {site: 0.0 for site in sites}
-    count = 0
-    batches = source.iter_batches(batch_size, seed=seed, skip_batches=0)
-    for _ in range(n_batches):
-        batch = next(batches)
-        for site in sites:
-            sum_sq[site] += float(batch[site].double().pow(2).sum())
-        count += batch[sites[0]].shape[0]
-    if reduce_sums is not None:
-        sums = torch.tensor([sum_sq[site] for site in sites] + [count], dtype=torch.float64)
-        reduce_sums(sums)
-        sum_sq, count = dict(zip(sites, sums[:-1].tolist())), sums[-1].item()
-    scales = {}
-    for site in sites:
-        c = math.sqrt(sum_sq[site] / count) if math.isfinite(sum_sq[site]) else float("nan")
-        scales[site] = c if math.isfinite(c) and c > 0 else float("nan")
-    return scales
-
-
-@torch.no_grad()
-def estimate_input_norms(
-    source: BatchSource, sites: list[Site], *, mode: str, batch_size: int, n_tokens: int, seed: int = 0,
-    reduce_sums: Callable[[torch.Tensor], None] | None = None, power: float = 1.0,
-) -> dict[Site, InputNorm]:
-    """Each site's :class:`InputNorm` from the first ``ceil(n_tokens / batch_size)`` batches.
-
-    ``"scalar"`` is :func:`estimate_input_scales` (the paper's C); the other modes stream Σx and
-    Σx² per dimension in float64.  ``reduce_sums`` sums the statistics over ranks in place."""
-    if mode == "scalar":
-        scales = estimate_input_scales(source, sites, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
-                                       reduce_sums=reduce_sums)
-        return {site: InputNorm.from_scale(c, source.d_in[site]) for site, c in scales.items()}
-    n_batches = max(1, math.ceil(n_tokens / batch_size))
-    sums = {site: torch.zeros(2, source.d_in[site], dtype=torch.float64) for site in sites}
-    count = 0.0
-    batches = source.iter_batches(batch_size, seed=seed, skip_batches=0)
-    for _ in range(n_batches):
-        batch = next(batches)
-        for site in sites:
-            x = batch[site].double()
-            sums[site][0] += x.sum(0)
-            sums[site][1] += x.square().sum(0)
-        count += batch[sites[0]].shape[0]
-    if reduce_sums is not None:
-        flat = torch.cat([sums[site].reshape(-1) for site in sites] + [torch.tensor([count], dtype=torch.float64)])
-        reduce_sums(flat)
-        at = 0
-        for site in sites:
-            n = sums[site].numel()
-            sums[site] = flat[at:at + n].reshape(2, -1)
-            at += n
-        count = float(flat[-1])
-    return {site: InputNorm.from_sums(mode, count, sums[site][0], sums[site][1], power) for site in sites}
 
 
 class Trainer:
@@ -203,11 +144,13 @@ class Trainer:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate SAEs: {', '.join(duplicates)}")
-        missing = sorted({s.site for s in specs} - set(source.sites))
+        missing = sorted(set(data_sites(s.site for s in specs)) - set(source.sites))
         if missing:
+            pairs = sorted({s.site.name for s in specs if set(io_sites(s.site)) & set(missing) and s.site not in missing})
             raise ValueError(
                 f"the source has no activations for {', '.join(map(str, missing))} "
                 f"(it holds {', '.join(map(str, source.sites))})"
+                + (f"; {', '.join(pairs)} read(s) and predict(s) them" if pairs else "")
             )
         if (n_steps is None) == (total_tokens is None):
             raise ValueError("give exactly one of n_steps and total_tokens")
@@ -235,7 +178,8 @@ class Trainer:
         self.device = torch.device(self.options.device)
         self.data_seed = data_seed
         self.final_steps = final_steps
-        self.sites = sorted({s.site for s in self.specs})
+        #: the stored sites read (a transcoder's: its input and target sites)
+        self.sites = data_sites(s.site for s in self.specs)
         self.trainers: list[SAETrainer] = []
         self.scales: dict[Site, float] = {}
         #: each site's input map (scalar mode: x / scales[site])
@@ -257,8 +201,10 @@ class Trainer:
         }
 
     def _make_trainer(self, spec: SAESpec) -> SAETrainer:
+        x_site, y_site = io_sites(spec.site)
         cfg = SAEConfig(
-            d_in=self.source.d_in[spec.site],
+            d_in=self.source.d_in[x_site],
+            d_out=self.source.d_in[y_site],
             d_sae=spec.d_sae,
             architecture=spec.architecture,
             k=spec.k,
@@ -277,14 +223,16 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             sae = self.plan.make_sae(cfg)
-        scale = self.scales[spec.site]
+        scale = self.scales[x_site] if math.isfinite(self.scales[y_site]) else math.nan
         trainer = SAETrainer(
             sae.to(self.device),
             self.recipe,
             sparsity_coefficient=spec.sparsity_coefficient or 0.0,
             n_steps=self.n_steps,
             input_scale=scale if math.isfinite(scale) else 1.0,
-            input_norm=self.norms[spec.site] if self.recipe.input_norm != "scalar" else None,
+            input_norm=self.norms[x_site] if self.recipe.input_norm != "scalar" else None,
+            target_scale=self.scales[y_site] if math.isfinite(self.scales[y_site]) else 1.0,
+            target_norm=self.norms[y_site] if self.recipe.input_norm != "scalar" else None,
             name=spec.name,
             site=spec.site,
             reduce_grads=self.plan.reduce_grads,
@@ -350,8 +298,9 @@ class Trainer:
             log.close()
         self.plan.finish(self.trainers)
         return [
-            TrainedSAE(spec, t.sae, self.scales[spec.site], t.final_metrics() if t.error is None else None,
-                       t.tokens_seen, t.error, self.norms[spec.site], t.released_l0)
+            TrainedSAE(spec, t.sae, self.scales[io_sites(spec.site)[0]], t.final_metrics() if t.error is None else None,
+                       t.tokens_seen, t.error, self.norms[io_sites(spec.site)[0]], t.released_l0,
+                       self.norms[io_sites(spec.site)[1]] if t.sae.is_transcoder else None)
             for spec, t in zip(self.specs, self.trainers)
         ]
 
@@ -372,14 +321,15 @@ class Trainer:
                     break  # every SAE stopped: nothing left to train
                 batch = next(batches)
                 for site, ts in live.items():
-                    x_BD = batch[site]
-                    if x_BD.shape != (self.rows_per_step, self.source.d_in[site]):
-                        raise ValueError(f"the source gave {site} a batch of shape {tuple(x_BD.shape)}, "
-                                         f"expected ({self.rows_per_step}, {self.source.d_in[site]})")
-                    x_BD = x_BD.to(self.device, non_blocking=True)
+                    xy = [batch[s] for s in dict.fromkeys(io_sites(site))]  # (x,), or a transcoder's (x, y)
+                    for s, a in zip(io_sites(site), xy):
+                        if a.shape != (self.rows_per_step, self.source.d_in[s]):
+                            raise ValueError(f"the source gave {s} a batch of shape {tuple(a.shape)}, "
+                                             f"expected ({self.rows_per_step}, {self.source.d_in[s]})")
+                    xy = [a.to(self.device, non_blocking=True) for a in xy]
                     for t in ts:
                         try:
-                            t.update(step, x_BD, return_metrics=False)
+                            t.update(step, *xy, return_metrics=False)
                         except NonFiniteError as err:
                             log.write({"step": step, "event": "error", "sae": t.name, "site": str(site),
                                        "error": t.error})
