@@ -176,3 +176,19 @@ def test_a_gs2_repo_path_loads_from_the_local_hub_cache(tmp_path, monkeypatch):
         assert_predicts(sae(torch.from_numpy(x)).numpy(), by_the_formula(arrays, x)[1])
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         load_sae(f"{repo}/resid_post/layer_6_width_16k_l0_small")
+
+
+def test_target_l0_runs_are_labelled_by_their_targets(tmp_path):
+    torch.manual_seed(0)
+    sites = {Site(2, "mlp_out"): torch.randn(2048, 8) * 2}
+    specs = [SAESpec(site=Site(2, "mlp_out"), architecture="jumprelu", d_sae=1024, sparsity_coefficient=0.01,
+                     target_l0=t, seed=0) for t in (20, 60, 150)]
+    trainer = Trainer(InMemorySource(sites), specs, Recipe.for_steps(4, batch_size=256, lr=1e-3), tmp_path, n_steps=4,
+                      model_name="tiny", options=TrainOptions(progress=False, release_layout="gemma-scope-2"))
+    folders = train_and_release(trainer)
+    assert [f.name for f in folders] == ["layer_2_width_1k_l0_small", "layer_2_width_1k_l0_medium",
+                                         "layer_2_width_1k_l0_big"]
+    for folder, target in zip(folders, (20, 60, 150)):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["target_l0"] == target and config["l0_label"] == l0_label(target)
+        assert read_release_folder(folder).config["target_l0"] == target
