@@ -14,6 +14,8 @@ evaluated together with the SAE spliced into the model, on the same held-out wik
 
     python benchmarks/gemma_scope_2.py --data /work/data/l6/store          # everything (~20 min, 2 cores)
     python benchmarks/gemma_scope_2.py --data STORE --parts a --sites layer_6/mlp_out --targets 60
+    python benchmarks/gemma_scope_2.py --data STORE_WITH_MLP_IN --parts a --sites layer_6/mlp_out,layer_6/transcoder \
+        --targets 60 --skip-transcoder      # (b): SAE vs transcoder vs skip transcoder at one L0
 
 Never a timed test; seconds are wall time on this machine, comparable only within one quiet run.
 """
@@ -76,6 +78,8 @@ def main() -> None:
     p.add_argument("--sites", default=",".join(SITES), help="sites for (a); a site the store lacks is skipped")
     p.add_argument("--parts", default="a,c,d", help="which tables: a (target L0), c (frequency), d (Matryoshka)")
     p.add_argument("--targets", default="20,60,150")
+    p.add_argument("--skip-transcoder", action="store_true",
+                   help="(a) at a transcoder site: also train the skip (affine) transcoder at each target")
     p.add_argument("--tokens", type=int, default=262_144, help="training tokens per SAE")
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--target", type=float, default=60, help="the target L0 of (c) and (d)")
@@ -139,6 +143,9 @@ def main() -> None:
                                 else [])
             specs = [SAESpec(site, jumprelu_at(site), args.width, sparsity_coefficient=lam, target_l0=t)
                      for t in wanted]
+            if args.skip_transcoder and Site.parse(site).kind in PAIR_KINDS:  # (b): the affine version beside it
+                specs += [SAESpec(site, transcoder_architecture("jumprelu", True), args.width, sparsity_coefficient=lam,
+                                  target_l0=t) for t in wanted]
             if site == args.site and "d" in parts:  # Matryoshka shares the data pass of (a)
                 specs.append(SAESpec(site, "matryoshka_jumprelu", args.width, sparsity_coefficient=lam,
                                      target_l0=args.target, prefixes=prefixes))
