@@ -196,7 +196,7 @@ def main() -> None:
     if sites_a:
         print(f"\n(a) target vs achieved L0 (JumpReLU, quadratic penalty λ = {lam:g}; width {args.width}, "
               f"{n_steps} steps × 1,024 tokens)")
-        print(f"{'site':<20} {'target':>7} {'train L0':>9} {'held-out L0':>12} {'miss':>7} {'FVU':>7} {'Δloss':>7} "
+        print(f"{'site':<20} {'architecture':<25} {'target':>7} {'train L0':>9} {'held-out L0':>12} {'miss':>7} {'FVU':>7} {'Δloss':>7} "
               f"{'CE rec':>7} {'>10%':>5}  warning")
         for name, (site, folder, config, extra) in saes.items():
             if config.get("trained_as") or "beta" in extra or config.get("target_l0") is None:
@@ -204,7 +204,7 @@ def main() -> None:
             e, t = row(name), config["target_l0"]
             training = extra["training"]
             warned = "yes" if training.get("l0_warnings") else ""
-            print(f"{site:<20} {t:>7g} {training['average_l0']:>9.1f} {e['l0']:>12.1f} {(e['l0'] - t) / t:>+7.0%} "
+            print(f"{site:<20} {config['architecture']:<25} {t:>7g} {training['average_l0']:>9.1f} {e['l0']:>12.1f} {(e['l0'] - t) / t:>+7.0%} "
                   f"{e['fvu']:>7.4f} {e['delta_loss']:>7.3f} {e['ce_loss_score']:>7.3f} "
                   f"{round(e['frac_high_freq'] * e['d_sae']):>5}  {warned}")
 
