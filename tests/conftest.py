@@ -163,3 +163,17 @@ def build_tiny_corpus(n_seqs: int = 12, seq_len: int = 16, *, seed: int = 0, voc
 def tiny_corpus():
     """Factory fixture: ``tiny_corpus(n_seqs=12, seq_len=16, seed=0)``."""
     return build_tiny_corpus
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds waiting, and on a busy machine a lot of it (a 600-step
+    loop took 50 s on 2 contended threads, 2.5 s on one); one thread also gives the distributed
+    workers' float results.  Files of tiny-tensor tests use it for every test
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,12 +19,7 @@ from saescope.sae.registry import build_sae
 from test_sae_jumprelu import _RefJumpReLU, _RefStep, grads_of, random_sae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def identity_step(x_BF, theta_F, eps, path, straight_through=False):
@@ -363,7 +358,7 @@ def test_matryoshka_release_reports_every_prefix_in_eval(tmp_path):
 
 def test_target_l0_frequency_and_matryoshka_resume_bit_identically(tmp_path):
     """The running frequency p̂ and the post-warm-up L0 sums are checkpointed with the weights."""
-    from test_trainer import RECIPE, RESID, KillAt, make_data, trainer
+    from test_trainer import RECIPE, RESID, make_data, straight_and_resumed
 
     from saescope.activations.source import InMemorySource
     from saescope.train.spec import SAESpec
@@ -371,14 +366,8 @@ def test_target_l0_frequency_and_matryoshka_resume_bit_identically(tmp_path):
     specs = [SAESpec(RESID, "jumprelu", 64, sparsity_coefficient=1e-2, target_l0=6),
              SAESpec(RESID, "matryoshka_jumprelu", 64, sparsity_coefficient=1e-2, target_l0=6, prefixes=(8, 32))]
     recipe = RECIPE.replace(threshold_init_mode="quantile", max_frequency=0.2, frequency_window_tokens=64)
-    source = InMemorySource(make_data())
-    kw = {"specs": specs, "build_sae": None, "recipe": recipe}
-    reference = trainer(source, tmp_path / "straight", **kw)
-    reference.fit()
-    with pytest.raises(KeyboardInterrupt):
-        trainer(KillAt(source, 6), tmp_path / "killed", **kw).fit()
-    resumed = trainer(source, tmp_path / "killed", **kw)
-    resumed.fit()
+    reference, resumed = straight_and_resumed(InMemorySource(make_data()), tmp_path, specs=specs, build_sae=None,
+                                              recipe=recipe)
     for a, b in zip(reference.trainers, resumed.trainers):
         state = a.sae.state_dict()
         assert "frequency_F" in state and int(state["frequency_batches"]) == 12

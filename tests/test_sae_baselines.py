@@ -14,14 +14,7 @@ from saescope.sae.relu import ReLUSAE
 from saescope.sae.topk import TopKSAE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread only adds waiting, and on a busy machine a lot of it
-    (a 600-step loop took 50 s on 2 contended threads, 2.5 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 #: the SAE architectures (transcoders' loss takes a target: tests/test_transcoders.py tests them)

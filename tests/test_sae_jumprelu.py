@@ -14,14 +14,7 @@ from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sae.jumprelu_step import jumprelu_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread only adds waiting, and on a busy machine a lot of it
-    (a 600-step loop took 50 s on 2 contended threads, 2.5 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- a plain autograd reference, straight from the paper's equations --------------------------
 

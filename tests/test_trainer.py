@@ -368,16 +368,20 @@ REAL_SPECS = [
 ]
 
 
-def test_resume_is_bit_identical_for_every_architecture(tmp_path):
-    """Buffers count too: TopK's dead-latent counters and BatchTopK's running threshold."""
-    source = InMemorySource(make_data())
-    kw = {"specs": REAL_SPECS, "build_sae": None}
+def straight_and_resumed(source, tmp_path, kill_step=6, **kw):
+    """One run straight through, and one killed at ``kill_step`` then resumed from its checkpoint."""
     reference = trainer(source, tmp_path / "straight", **kw)
     reference.fit()
     with pytest.raises(KeyboardInterrupt):
-        trainer(KillAt(source, 6), tmp_path / "killed", **kw).fit()
+        trainer(KillAt(source, kill_step), tmp_path / "killed", **kw).fit()
     resumed = trainer(source, tmp_path / "killed", **kw)
     resumed.fit()
+    return reference, resumed
+
+
+def test_resume_is_bit_identical_for_every_architecture(tmp_path):
+    """Buffers count too: TopK's dead-latent counters and BatchTopK's running threshold."""
+    reference, resumed = straight_and_resumed(InMemorySource(make_data()), tmp_path, specs=REAL_SPECS, build_sae=None)
     for a, b in zip(reference.trainers, resumed.trainers):
         assert a.sae.state_dict().keys() == b.sae.state_dict().keys()
         for key, value in a.sae.state_dict().items():

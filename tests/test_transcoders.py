@@ -20,12 +20,7 @@ TC = Site(1, "transcoder")
 X_SITE, Y_SITE = Site(1, "mlp_in"), Site(1, "mlp_out")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_transcoder(arch="jumprelu_skip_transcoder", d_in=12, d_out=10, d_sae=80, seed=0, **kw):
