@@ -123,9 +123,18 @@ def fold_input_norm(sae, norm: InputNorm) -> None:
     sae.cfg.centre_input = False
     uniform = bool((norm.gain_D == norm.gain_D[0]).all())
     if uniform or sae.latents_rescalable:  # one factor for all latents keeps TopK's ranking
-        n_F = (torch.full((sae.cfg.d_sae,), float(1 / norm.gain_D[0]), device=sae.W_dec.device) if uniform
-               else sae.W_dec.norm(dim=1).clamp_min(1e-30))
-        sae.W_dec.div_(n_F[:, None])
-        sae.W_enc.mul_(n_F[None, :])
-        sae.b_enc.mul_(n_F)
-        sae._scale_latents_(n_F)
+        rescale_latents_(sae, norm.gain_D)
+
+
+@torch.no_grad()
+def rescale_latents_(sae, gain_D: torch.Tensor) -> None:
+    """After a fold whose output map had gains ``gain_D``: one factor 1/g for every latent when the
+    map is uniform (the training-form decoder rows stay as they were), else unit-norm decoder rows;
+    encoder, b_enc and the per-latent parameters (thresholds) take the inverse factor, exactly."""
+    uniform = bool((gain_D == gain_D[0]).all())
+    n_F = (torch.full((sae.cfg.d_sae,), float(1 / gain_D[0]), device=sae.W_dec.device) if uniform
+           else sae.W_dec.norm(dim=1).clamp_min(1e-30))
+    sae.W_dec.div_(n_F[:, None])
+    sae.W_enc.mul_(n_F[None, :])
+    sae.b_enc.mul_(n_F)
+    sae._scale_latents_(n_F)

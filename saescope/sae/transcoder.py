@@ -32,6 +32,7 @@ from torch import nn
 from saescope.sae.base import LossOutput
 from saescope.sae.batchtopk import BatchTopKSAE
 from saescope.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saescope.sae.input_norm import rescale_latents_
 from saescope.sae.jumprelu_step import jumprelu_step
 from saescope.sae.topk import TopKConfig
 
@@ -146,13 +147,7 @@ class _Transcoder:
             self.W_skip.mul_(g[:, None]).div_(h[None, :])
         self.W_dec.div_(h[None, :])
         self.b_dec.div_(h).add_(t)
-        uniform = bool((target_norm.gain_D == target_norm.gain_D[0]).all())
-        n_F = (torch.full((self.cfg.d_sae,), float(1 / target_norm.gain_D[0]), device=self.W_dec.device) if uniform
-               else self.W_dec.norm(dim=1).clamp_min(1e-30))
-        self.W_dec.div_(n_F[:, None])
-        self.W_enc.mul_(n_F[None, :])
-        self.b_enc.mul_(n_F)
-        self._scale_latents_(n_F)
+        rescale_latents_(self, target_norm.gain_D)
 
 
 class JumpReLUTranscoder(_Transcoder, JumpReLUSAE):
