@@ -2,7 +2,8 @@
 # Create the peer libraries' virtual environments for benchmarks/peers/:
 #   $SAESCOPE_PEERS/saelens   sae-lens     (SAELens)
 #   $SAESCOPE_PEERS/sparsify  eai-sparsify (EleutherAI sparsify)
-#   $SAESCOPE_PEERS/circuit-tracer  circuit-tracer (its transcoder loaders; tests/test_circuit_tracer_export.py)
+#   $SAESCOPE_PEERS/circuit-tracer  circuit-tracer, with what its transcoder loaders import (not nnsight or
+#                                   TransformerLens); tests/test_circuit_tracer_export.py
 # SAESCOPE_PEERS defaults to /work/peers.  torch is pinned to 2.13.0 (the CPU build lies on our
 # machines' disk) with a constraint file, so pip never resolves it to a multi-GB CUDA build.
 # Idempotent: an environment that was built here and still has its package at the pinned
@@ -40,11 +41,16 @@ if imp:
 ' "$dist" "$mod" "$ver" "$TORCH_VERSION" "$imp" >/dev/null 2>&1
 }
 
-# build NAME DIST MODULE VERSION
+# build NAME DIST MODULE VERSION [REQUIREMENT ...]
+# With requirements, DIST is installed without its own dependencies and the requirements instead
+# (circuit-tracer: its loaders need only these; its full set, nnsight and TransformerLens, takes
+# ~20 min of dependency resolution for code the tests never run).
 build() {
   local name=$1 dist=$2 mod=$3 ver=$4
+  shift 4
+  local reqs=("$@")
   local env="$ROOT/$name" log="$ROOT/$name.install.log" stamp="$ROOT/$name/.peer-envs-ok"
-  local spec="$dist==$ver torch==$TORCH_VERSION"
+  local spec="$dist==$ver torch==$TORCH_VERSION${reqs[*]:+ ${reqs[*]}}"
   if [ "$(cat "$stamp" 2>/dev/null)" = "$spec" ] && check "$env" "$dist" "$mod" "$ver"; then
     return 0
   fi
@@ -53,7 +59,12 @@ build() {
   if ! {
     { [ -x "$env/bin/python" ] || "$PY" -m venv "$env"; } &&
     "$env/bin/python" -m pip install -q "torch==$TORCH_VERSION" &&
-    "$env/bin/python" -m pip install -q -c "$CONSTRAINTS" "$dist==$ver"
+    if [ ${#reqs[@]} -eq 0 ]; then
+      "$env/bin/python" -m pip install -q -c "$CONSTRAINTS" "$dist==$ver"
+    else
+      "$env/bin/python" -m pip install -q -c "$CONSTRAINTS" --no-deps "$dist==$ver" &&
+      "$env/bin/python" -m pip install -q -c "$CONSTRAINTS" "${reqs[@]}"
+    fi
   } >>"$log" 2>&1; then
     echo "peer-envs: installing $dist==$ver into $env failed; last lines of $log:" >&2
     tail -n 25 "$log" >&2
@@ -74,7 +85,9 @@ for name in "${@:-saelens sparsify}"; do
     case $one in
       saelens) build saelens sae-lens sae_lens "$SAELENS_VERSION" || status=1 ;;
       sparsify) build sparsify eai-sparsify sparsify "$SPARSIFY_VERSION" || status=1 ;;
-      circuit-tracer) build circuit-tracer circuit-tracer circuit_tracer "$CIRCUIT_TRACER_VERSION" || status=1 ;;
+      circuit-tracer) build circuit-tracer circuit-tracer circuit_tracer "$CIRCUIT_TRACER_VERSION" \
+                        "transformers==4.57.3" "huggingface-hub<1.0" safetensors pyyaml pydantic numpy tqdm einops \
+                        || status=1 ;;
       *) echo "peer-envs: unknown environment '$one' (saelens, sparsify, circuit-tracer)" >&2; status=2 ;;
     esac
   done
