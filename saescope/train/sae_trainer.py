@@ -162,7 +162,7 @@ class SAETrainer:
         out.total.backward()
         if self.reduce_grads is not None:
             self.reduce_grads(sae)
-        self._check_finite(step, x_BD if y_BD is None else torch.cat([x_BD, y_BD], 1), out.total)
+        self._check_finite(step, (x_BD,) if y_BD is None else (x_BD, y_BD), out.total)
 
         if recipe.decoder_unit_norm:
             sae.remove_parallel_decoder_grad_()
@@ -182,17 +182,18 @@ class SAETrainer:
             return None
         return self._as_metrics(step_sums, step)
 
-    def _check_finite(self, step: int, x_BD: torch.Tensor, total: torch.Tensor) -> None:
-        """One sync: are the batch, the loss and every gradient finite?  If not, say which."""
+    def _check_finite(self, step: int, batches: tuple[torch.Tensor, ...], total: torch.Tensor) -> None:
+        """One sync: are the batch (a transcoder's: x and y), the loss and every gradient finite?
+        If not, say which."""
         grads = {n: p.grad for n, p in self.sae.named_parameters() if p.grad is not None}
-        flags = [torch.isfinite(x_BD).all(), torch.isfinite(total.detach())]
+        flags = [torch.stack([torch.isfinite(b).all() for b in batches]).all(), torch.isfinite(total.detach())]
         flags += [torch.isfinite(g).all() for g in grads.values()]
         if bool(torch.stack(flags).all()):
             return
         self.optimizer.zero_grad(set_to_none=True)
         if not flags[0]:
-            n_nan = int(torch.isnan(x_BD).sum())
-            n_inf = int(torch.isinf(x_BD).sum())
+            n_nan = sum(int(torch.isnan(b).sum()) for b in batches)
+            n_inf = sum(int(torch.isinf(b).sum()) for b in batches)
             cause = f"the batch contains non-finite values ({n_nan} NaN, {n_inf} Inf)"
         elif not flags[1]:
             cause = f"the loss is {float(total):g}"
