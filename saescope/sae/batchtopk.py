@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from saescope.sae.base import LossOutput
+from saescope.sae.batchtopk_step import batchtopk_step
 from saescope.sae.topk import TopKConfig, TopKSAE
 
 
@@ -20,6 +21,8 @@ class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     array_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
     latents_rescalable = True  # released as a JumpReLU: per-latent thresholds
+    #: train with the fused step when no latent is dead (False: always plain autograd)
+    use_fused_step = True
     #: the running mean becomes an exponential average over about this many batches
     threshold_window = 1000
 
@@ -46,7 +49,12 @@ class BatchTopKSAE(TopKSAE):
 
     def loss(self, x_BD: torch.Tensor, sparsity_coefficient: float = 0.0) -> LossOutput:
         """‖x − x̂‖² + aux_coefficient·AuxK on the batch-top-k code; ``sparsity_coefficient`` is
-        ignored (k sets the sparsity).  In training mode also updates the inference threshold."""
+        ignored (k sets the sparsity).  In training mode also updates the inference threshold.
+
+        Without dead latents (AuxK is then zero) the step is one fused Function
+        (:mod:`saescope.sae.batchtopk_step`, ~2.5× faster on CPU); with some, plain autograd."""
+        if self.use_fused_step and self.W_enc.requires_grad and not bool(self.dead_mask().any()):
+            return self._fused_loss(x_BD)
         pre_BF = self.pre_activations(x_BD)
         f_BF = self._batch_topk(pre_BF)
         x_hat_BD = self.decode(f_BF)
@@ -66,6 +74,16 @@ class BatchTopKSAE(TopKSAE):
             fired_F=fired_F,
             x_hat_BD=x_hat_BD.detach(),
         )
+
+    def _fused_loss(self, x_BD: torch.Tensor) -> LossOutput:
+        x_hat_BD, fired_F, cut = batchtopk_step(x_BD, self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.cfg.k,
+                                                centre_input=self.cfg.centre_input)
+        mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
+        if self.training:
+            self._update_threshold_from_(cut)
+        zero = torch.zeros((), device=x_BD.device)
+        return LossOutput(total=mse, mse=mse.detach(), sparsity=zero, aux=zero,
+                          l0=fired_F.sum().float() / x_BD.shape[0], fired_F=fired_F, x_hat_BD=x_hat_BD.detach())
 
     @torch.no_grad()
     def calibrate_threshold_(self, x_BD: torch.Tensor) -> None:
@@ -97,9 +115,13 @@ class BatchTopKSAE(TopKSAE):
         kept = f_BF[f_BF > 0]
         if kept.numel() == 0:
             return
+        self._update_threshold_from_(kept.min())
+
+    @torch.no_grad()
+    def _update_threshold_from_(self, smallest_kept: torch.Tensor) -> None:
         self.threshold_batches += 1
-        rate = 1.0 / self.threshold_batches.clamp(max=self.threshold_window).to(f_BF.dtype)
-        self.threshold.add_(rate * (kept.min() - self.threshold))
+        rate = 1.0 / self.threshold_batches.clamp(max=self.threshold_window).to(self.threshold.dtype)
+        self.threshold.add_(rate * (smallest_kept - self.threshold))
 
     def _scale_latents_(self, n_F: torch.Tensor) -> None:
         self.threshold.mul_(n_F)  # θ′ = C·θ (per latent)
