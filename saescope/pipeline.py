@@ -149,7 +149,12 @@ def _run(cfg: RunConfig, out: Path, *, progress: bool, log) -> dict:
                                  split="train", seed=cfg.seed, max_context=context)
             state.check_data("corpus", corpus.fingerprint())
             source = _activation_source(cfg, model, tokenizer, corpus, sites, out, progress)
-            info.update(_train(cfg, source, sites, out, progress))
+            fisher = None
+            if cfg.input_norm == "fisher":
+                from saescope.activations.fisher import fisher_of_sites
+
+                fisher = fisher_of_sites(model, corpus, n_tokens=cfg.fisher_tokens, seed=cfg.seed, progress=progress)
+            info.update(_train(cfg, source, sites, out, progress, fisher=fisher))
 
     if not state.done("eval"):
         with _stage(state, "eval", log) as info:
@@ -199,7 +204,7 @@ def _activation_source(cfg, model, tokenizer, corpus, sites, out: Path, progress
     return StoreReader(store, sites)
 
 
-def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
+def _train(cfg: RunConfig, source, sites, out: Path, progress: bool, fisher=None) -> dict:
     from saescope.train.recipe import Recipe
     from saescope.train.run import release_results
     from saescope.train.spec import sweep
@@ -214,7 +219,7 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool) -> dict:
     options = TrainOptions(device=cfg.device, checkpoint_every=cfg.checkpoint_every, progress=progress,
                            release_layout=cfg.layout)
     trainer = Trainer(source, specs, recipe, out, n_steps=cfg.n_steps, data_seed=cfg.seed, model_name=cfg.model,
-                      options=options)
+                      options=options, fisher=fisher)
     results = trainer.fit()
     folders = release_results(trainer, results)
     stopped = {r.spec.name: str(r.error) for r in results if r.error is not None}

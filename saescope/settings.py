@@ -165,7 +165,8 @@ PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
 RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "lr_decay_fraction",
+RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "fisher_weight",
+                 "fisher_tokens", "lr_decay_fraction",
                  "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient")
 
 
@@ -214,11 +215,16 @@ class TrainSettings:
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
     #: b_dec at step 0: zeros (the paper) or mean (the first batch's mean: short runs)
     b_dec_init: str = field(default="zeros", metadata={"choices": ("zeros", "mean")})
-    #: input map folded into the release: scalar (the paper's C), centred (C about the mean) or
-    #: diagonal (per dimension; for massive dimensions such as Gemma 3's)
-    input_norm: str = field(default="scalar", metadata={"choices": ("scalar", "centred", "diagonal")})
-    #: diagonal input map only: divide dimension d by σ_d to this power (1: standardise)
+    #: input map folded into the release: scalar (the paper's C), centred (C about the mean),
+    #: diagonal (per dimension; for massive dimensions such as Gemma 3's) or fisher (a full map
+    #: weighing each direction by what an error there costs the LM loss; needs the model)
+    input_norm: str = field(default="scalar", metadata={"choices": ("scalar", "centred", "diagonal", "fisher")})
+    #: diagonal input map (and fisher's diagonal part): divide dimension d by σ_d to this power
     input_norm_power: float = 1.0
+    #: fisher input map: the Fisher metric's share of the map (the rest: the diagonal map's)
+    fisher_weight: float = field(default=0.5, metadata={"parse": at_least(0, finite, high=1)})
+    #: fisher input map: training tokens its Fisher metric is averaged over
+    fisher_tokens: int = field(default=4_096, metadata={"parse": positive_int})
     #: cosine lr decay to 0 over this final fraction of the run (0: none, the paper)
     lr_decay_fraction: float = field(default=0.0, metadata={"parse": at_least(0, finite, high=1)})
     #: Adam β1 (the paper: 0)

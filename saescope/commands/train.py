@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(s.device) if launched_by_torchrun() else None  # torchrun: one GPU per rank
     device = env.device if env is not None else resolve_device(s.device)
 
+    fisher = None  # input_norm "fisher": the model's Fisher metric per site (online only)
     if args.store is not None:
         from saescope.activations.store import ActivationStore, StoreReader
 
@@ -142,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
             corpus = corpus_share(corpus, env.rank, env.world_size)
         source = OnlineSource(model, corpus, all_sites, device=device)
         sites, model_name, tokens, out = all_sites, args.model, s.train_tokens, args.out
+        if s.input_norm == "fisher":
+            from saescope.activations.fisher import fisher_of_sites
+
+            fisher = fisher_of_sites(model, corpus, n_tokens=s.fisher_tokens, seed=s.seed,
+                                     progress=not args.no_progress)
 
     n_steps = max(1, tokens // s.batch_size)
     recipe = Recipe.for_steps(n_steps, **s.recipe_overrides())
@@ -151,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     options = TrainOptions(device=str(device), checkpoint_every=s.checkpoint_every, log_every=args.log_every,
                            loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),
                            progress=not args.no_progress, release_layout=s.layout)
-    kwargs = dict(data_seed=s.seed, model_name=model_name, options=options)
+    kwargs = dict(data_seed=s.seed, model_name=model_name, options=options, fisher=fisher)
     if env is not None:
         return _run_distributed(args, env, source, specs, recipe, out, n_steps, kwargs)
     from saescope.distributed.layout import check_not_split

@@ -138,6 +138,8 @@ class _Transcoder:
         + [(b_dec − (s⊙g)·W_skip) ⊘ h + t]; then latent i × n_i = ‖row i of W_dec‖ (W_enc's column,
         b_enc and θ by n_i, the row by 1/n_i), so released decoder rows are unit-norm.  Latents come
         out × n_i (× C_out under scalar maps)."""
+        if input_norm.matrix_DD is not None or target_norm.matrix_DD is not None:
+            raise ValueError("transcoders train behind the scalar, centred or diagonal maps, not 'fisher'")
         g, s = input_norm.gain_D.to(self.W_enc), input_norm.shift_D.to(self.W_enc)
         h, t = target_norm.gain_D.to(self.W_enc), target_norm.shift_D.to(self.W_enc)
         self.b_enc.sub_((s * g) @ self.W_enc)

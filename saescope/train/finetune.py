@@ -79,6 +79,8 @@ class _NormalisedJumpReLU(nn.Module):
 
     def __init__(self, sae: JumpReLUSAE, norm: InputNorm):
         super().__init__()
+        if norm.matrix_DD is not None:
+            raise ValueError("the KL fine-tune works behind scalar, centred or diagonal maps, not 'fisher'")
         g, s = norm.gain_D.to(sae.W_enc), norm.shift_D.to(sae.W_enc)
         with torch.no_grad():
             W_dec = sae.W_dec * g[None, :]

@@ -51,11 +51,21 @@ def estimate_input_scales(
 def estimate_input_norms(
     source: BatchSource, sites: list[Site], *, mode: str, batch_size: int, n_tokens: int, seed: int = 0,
     reduce_sums: Callable[[torch.Tensor], None] | None = None, power: float = 1.0,
+    fisher: dict[Site, torch.Tensor] | None = None, fisher_weight: float = 0.5,
 ) -> dict[Site, InputNorm]:
     """Each site's :class:`InputNorm` from the first ``ceil(n_tokens / batch_size)`` batches.
 
     ``"scalar"`` is :func:`estimate_input_scales` (the paper's C); the other modes stream Σx and
-    Σx² per dimension in float64.  ``reduce_sums`` sums the statistics over ranks in place."""
+    Σx² per dimension in float64.  ``reduce_sums`` sums the statistics over ranks in place.
+    ``"fisher"`` also streams each site's covariance and needs ``fisher``, the sites' Fisher
+    metrics (:func:`saescope.activations.fisher.site_fisher`); it is one process's estimate."""
+    if mode == "fisher":
+        if reduce_sums is not None:
+            raise ValueError("input_norm 'fisher' is estimated by one process; use 'diagonal' with data-parallel "
+                             "training")
+        missing = [str(s) for s in sites if fisher is None or s not in fisher]
+        if missing:
+            raise ValueError(f"input_norm 'fisher' needs the Fisher metric of {', '.join(missing)}")
     if mode == "scalar":
         scales = estimate_input_scales(source, sites, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
                                        reduce_sums=reduce_sums)
@@ -64,13 +74,30 @@ def estimate_input_norms(
     sums = {site: torch.zeros(2, source.d_in[site], dtype=torch.float64) for site in sites}
     count = 0.0
     batches = source.iter_batches(batch_size, seed=seed, skip_batches=0)
+    # "fisher": Σ (x − c)(x − c)ᵀ about the first batch's mean c, in fp32 per batch (c removes
+    # the large mean, so fp32 loses nothing that matters), summed in fp64
+    centre, outer = {}, {}
     for _ in range(n_batches):
         batch = next(batches)
         for site in sites:
             x = batch[site].double()
             sums[site][0] += x.sum(0)
             sums[site][1] += x.square().sum(0)
+            if mode == "fisher":
+                if site not in centre:
+                    centre[site] = batch[site].float().mean(0)
+                    outer[site] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                xc = batch[site].float() - centre[site]
+                outer[site] += (xc.T @ xc).double()
         count += batch[sites[0]].shape[0]
+    if mode == "fisher":
+        norms = {}
+        for site in sites:
+            mean_offset = sums[site][0] / count - centre[site].double()
+            cov = outer[site] / count - torch.outer(mean_offset, mean_offset)
+            norms[site] = InputNorm.from_fisher(count, sums[site][0], sums[site][1], cov, fisher[site],
+                                                power=power, weight=fisher_weight)
+        return norms
     if reduce_sums is not None:
         flat = torch.cat([sums[site].reshape(-1) for site in sites] + [torch.tensor([count], dtype=torch.float64)])
         reduce_sums(flat)

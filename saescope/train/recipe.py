@@ -65,11 +65,18 @@ class Recipe:
     #: percent, and cost a few dozen batches, negligible next to a run.
     scale_estimate_tokens: int = 131_072
     #: the fixed map inputs are trained behind: "scalar" (the paper: x/C, E‖x/C‖² = 1),
-    #: "centred" ((x − mean)/C′) or "diagonal" (per dimension: (x − mean)/σ_d/√D); all give
+    #: "centred" ((x − mean)/C′), "diagonal" (per dimension: (x − mean)/σ_d/√D) or "fisher" (a full
+    #: map weighing directions by the model's Fisher metric, saescope.activations.fisher); all give
     #: E‖x_n‖² = 1 (see saescope.sae.input_norm).  Folded exactly into the release.
     input_norm: str = "scalar"
-    #: "diagonal" only: dimension d is divided by σ_d to this power (1: full standardisation)
+    #: "diagonal" (and the diagonal part of "fisher"): dimension d is divided by σ_d to this power
+    #: (1: full standardisation)
     input_norm_power: float = 1.0
+    #: "fisher": the Fisher metric's share w of the map's metric (the rest is the diagonal map's)
+    fisher_weight: float = 0.5
+    #: "fisher": kept training tokens the Fisher metric is averaged over (one forward and
+    #: backward of the model per ~512 of them, every site at once)
+    fisher_tokens: int = 4_096
 
     # --- SAE constraints and JumpReLU specifics ---
     #: project the parallel component out of W_dec's gradient, renormalise rows after the step
@@ -122,8 +129,12 @@ class Recipe:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.scale_estimate_tokens < 1 or self.dead_window_tokens < 1:
             raise ValueError("scale_estimate_tokens and dead_window_tokens must be >= 1")
-        if self.input_norm not in ("scalar", "centred", "diagonal"):
-            raise ValueError(f"input_norm must be 'scalar', 'centred' or 'diagonal', got {self.input_norm!r}")
+        if self.input_norm not in ("scalar", "centred", "diagonal", "fisher"):
+            raise ValueError(f"input_norm must be 'scalar', 'centred', 'diagonal' or 'fisher', got {self.input_norm!r}")
+        if not 0 <= self.fisher_weight <= 1:
+            raise ValueError(f"fisher_weight must lie in [0, 1], got {self.fisher_weight}")
+        if self.fisher_tokens < 1:
+            raise ValueError(f"fisher_tokens must be >= 1, got {self.fisher_tokens}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.threshold_init <= 0 or self.bandwidth <= 0 or self.threshold_min <= 0:

@@ -211,8 +211,7 @@ class SAETrainer:
         err_BD, dev_BD = x_BD - x_hat_BD, x_BD - x_BD.mean(dim=0)
         norm = self.target_norm if getattr(self.sae, "is_transcoder", False) else self.input_norm
         if norm is not None:  # FVU in raw units, as eval reports it
-            gain_D = norm.gain_D.to(self.device)
-            err_BD, dev_BD = err_BD / gain_D, dev_BD / gain_D
+            err_BD, dev_BD = norm.to_raw(err_BD), norm.to_raw(dev_BD)
         resid_ss = err_BD.pow(2).sum()
         # FVU's denominator is the variance about the batch mean, not about zero.
         total_ss = dev_BD.pow(2).sum()

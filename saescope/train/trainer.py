@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from saescope.corpora import canonical_name
 from saescope.locks import folder_lock
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sae.input_norm import InputNorm
-from saescope.settings import RELEASE_LAYOUTS
+from saescope.settings import PAIR_KINDS, RELEASE_LAYOUTS
 from saescope.sites import Site, data_sites, io_sites
 from saescope.train.checkpoint import CheckpointDir
 from saescope.train.norms import estimate_input_norms, estimate_input_scales  # noqa: F401 (re-exported)
@@ -44,6 +45,10 @@ from saescope.train.recipe import Recipe
 from saescope.train.run_log import NullLog, RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
 from saescope.train.spec import SAESpec
+
+
+#: the checkpoint entry holding "fisher" input maps' matrices (SAE names start with "layer_")
+INPUT_MAPS = "input_maps"
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class Trainer:
         final_steps: int = 100,
         options: TrainOptions | None = None,
         plan: TrainPlan | None = None,
+        fisher: Callable[[list[Site]], dict[Site, torch.Tensor]] | None = None,
     ):
         if not specs:
             raise ValueError("no SAEs to train")
@@ -166,6 +172,13 @@ class Trainer:
             if others:
                 raise ValueError(f"the frequency penalty (max_frequency) acts on JumpReLU thresholds; "
                                  f"{', '.join(others)} SAEs cannot take it")
+        if self.recipe.input_norm == "fisher" and any(s.site.kind not in PAIR_KINDS for s in specs):
+            if fisher is None:
+                raise ValueError("input_norm 'fisher' needs the model's Fisher metric at each site: train online "
+                                 "from the model (--model) or with saescope run, or use input_norm 'diagonal'")
+        #: ``fisher(sites)`` → each site's Fisher metric (input_norm "fisher"; called only when a
+        #: run starts: a resumed one reads its maps from the checkpoint)
+        self.fisher = fisher
         self.options = options or TrainOptions()
         self.plan = plan or TrainPlan()
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
@@ -184,6 +197,9 @@ class Trainer:
         self.scales: dict[Site, float] = {}
         #: each site's input map (scalar mode: x / scales[site])
         self.norms: dict[Site, InputNorm] = {}
+        #: under input_norm "fisher", the transcoders' maps: diagonal ones (a transcoder's fold
+        #: takes per-dimension maps; its sites' SAEs keep the Fisher map)
+        self.pair_norms: dict[Site, InputNorm] = {}
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -199,6 +215,9 @@ class Trainer:
             "data": self.data,
             **self.plan.identity,
         }
+
+    def _norms_of(self, spec: SAESpec) -> dict[Site, InputNorm]:
+        return self.pair_norms if spec.site.kind in PAIR_KINDS and self.pair_norms else self.norms
 
     def _make_trainer(self, spec: SAESpec) -> SAETrainer:
         x_site, y_site = io_sites(spec.site)
@@ -230,9 +249,9 @@ class Trainer:
             sparsity_coefficient=spec.sparsity_coefficient or 0.0,
             n_steps=self.n_steps,
             input_scale=scale if math.isfinite(scale) else 1.0,
-            input_norm=self.norms[x_site] if self.recipe.input_norm != "scalar" else None,
+            input_norm=self._norms_of(spec)[x_site] if self.recipe.input_norm != "scalar" else None,
             target_scale=self.scales[y_site] if math.isfinite(self.scales[y_site]) else 1.0,
-            target_norm=self.norms[y_site] if self.recipe.input_norm != "scalar" else None,
+            target_norm=self._norms_of(spec)[y_site] if self.recipe.input_norm != "scalar" else None,
             name=spec.name,
             site=spec.site,
             reduce_grads=self.plan.reduce_grads,
@@ -245,6 +264,26 @@ class Trainer:
                 "(the batches contain NaN/Inf or are all zero)"
             )
         return trainer
+
+    def _estimate_norms(self) -> None:
+        """Each site's input map from the run's first batches (input_norm "fisher": SAE sites get
+        the Fisher map, transcoder sites a diagonal one), and the scales the trainers read."""
+        recipe = self.recipe
+        estimate = dict(batch_size=recipe.batch_size, seed=self.data_seed, reduce_sums=self.plan.reduce_sums,
+                        power=recipe.input_norm_power,
+                        n_tokens=planned_reads(recipe, self.n_steps, 0)[0][1] * recipe.batch_size)
+        if recipe.input_norm != "fisher":
+            self.norms = estimate_input_norms(self.source, self.sites, mode=recipe.input_norm, **estimate)
+        else:
+            sae_sites = data_sites(s.site for s in self.specs if s.site.kind not in PAIR_KINDS)
+            pair_sites = data_sites(s.site for s in self.specs if s.site.kind in PAIR_KINDS)
+            if sae_sites:
+                self.norms = estimate_input_norms(self.source, sae_sites, mode="fisher", fisher=self.fisher(sae_sites),
+                                                  fisher_weight=recipe.fisher_weight, **estimate)
+            if pair_sites:
+                self.pair_norms = estimate_input_norms(self.source, pair_sites, mode="diagonal", **estimate)
+        self.scales = {site: (n.scalar if n.mode == "scalar" else (1.0 if n.is_finite else math.nan))
+                       for site, n in {**self.pair_norms, **self.norms}.items()}
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -267,16 +306,15 @@ class Trainer:
             start, folder = latest
             state, tensors = ckpt.load(folder)
             self.scales = {Site.parse(k): (v if v is not None else float("nan")) for k, v in state["scales"].items()}
-            self.norms = {Site.parse(k): InputNorm.from_dict(d, self.source.d_in[Site.parse(k)])
+            maps = tensors.get(INPUT_MAPS, {})
+            self.norms = {Site.parse(k): InputNorm.from_dict(d, self.source.d_in[Site.parse(k)],
+                                                             {m: maps[f"{k}:{m}"] for m in ("matrix", "inverse")
+                                                              if f"{k}:{m}" in maps})
                           for k, d in state.get("input_norms", {}).items()}
+            self.pair_norms = {Site.parse(k): InputNorm.from_dict(d, self.source.d_in[Site.parse(k)])
+                               for k, d in state.get("pair_input_norms", {}).items()}
         else:
-            self.norms = estimate_input_norms(
-                self.source, self.sites, mode=self.recipe.input_norm, batch_size=self.recipe.batch_size,
-                seed=self.data_seed, reduce_sums=self.plan.reduce_sums, power=self.recipe.input_norm_power,
-                n_tokens=planned_reads(self.recipe, self.n_steps, 0)[0][1] * self.recipe.batch_size,
-            )
-            self.scales = {site: (n.scalar if n.mode == "scalar" else (1.0 if n.is_finite else math.nan))
-                           for site, n in self.norms.items()}
+            self._estimate_norms()
         if self.recipe.input_norm == "scalar" or not self.norms:
             self.norms = {site: InputNorm.from_scale(c, self.source.d_in[site]) for site, c in self.scales.items()}
         self.trainers = [self._make_trainer(spec) for spec in self.specs]
@@ -299,8 +337,8 @@ class Trainer:
         self.plan.finish(self.trainers)
         return [
             TrainedSAE(spec, t.sae, self.scales[io_sites(spec.site)[0]], t.final_metrics() if t.error is None else None,
-                       t.tokens_seen, t.error, self.norms[io_sites(spec.site)[0]], t.released_l0,
-                       self.norms[io_sites(spec.site)[1]] if t.sae.is_transcoder else None)
+                       t.tokens_seen, t.error, self._norms_of(spec)[io_sites(spec.site)[0]], t.released_l0,
+                       self._norms_of(spec)[io_sites(spec.site)[1]] if t.sae.is_transcoder else None)
             for spec, t in zip(self.specs, self.trainers)
         ]
 
@@ -356,6 +394,12 @@ class Trainer:
             "scales": {s.name: c for s, c in self.scales.items()},
             **({"input_norms": {s.name: n.to_dict() for s, n in self.norms.items()}}
                if self.recipe.input_norm != "scalar" else {}),
+            **({"pair_input_norms": {s.name: n.to_dict() for s, n in self.pair_norms.items()}}
+               if self.pair_norms else {}),
             "saes": {t.name: t.state_meta() for t in self.trainers},
         }
-        return ckpt.save(step, state, {t.name: t.state_tensors() for t in self.trainers})
+        tensors = {t.name: t.state_tensors() for t in self.trainers}
+        maps = {f"{s.name}:{m}": v.contiguous() for s, n in self.norms.items() for m, v in n.matrices().items()}
+        if maps:  # a "fisher" map's matrices (its JSON has the rest)
+            tensors[INPUT_MAPS] = maps
+        return ckpt.save(step, state, tensors)
