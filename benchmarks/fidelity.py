@@ -46,7 +46,10 @@ VARIANTS: dict[str, tuple[str, float, dict, str]] = {
     "topk-sqrt": ("topk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5, "batch_size": 1024},
                   "TopK, per-dimension σ^-1/2"),
     "cpu": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5, "batch_size": 1024},
-            "the CPU presets now: BatchTopK → JumpReLU, σ^-1/2, batch 1024"),
+            "the CPU presets before the Fisher map: BatchTopK → JumpReLU, σ^-1/2, batch 1024"),
+    "cpu-fisher": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "fisher", "input_norm_power": 0.5, "fisher_weight": 0.5,
+                                     "batch_size": 1024},
+                   "the CPU presets now: BatchTopK → JumpReLU behind the Fisher map (half Fisher, half σ^-1/2)"),
     "cpu-decay": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5,
                                     "batch_size": 1024, "lr_decay_fraction": 0.8}, "the same with a cosine lr decay"),
 }
@@ -67,7 +70,7 @@ def ensure_store(data: Path, tokens: int) -> Path:
     return store
 
 
-def train_variant(store: Path, site: str, name: str, width: int, tokens: int, out: Path):
+def train_variant(store: Path, site: str, name: str, width: int, tokens: int, out: Path, fisher=None):
     from saescope.activations.store import StoreReader
     from saescope.train.recipe import Recipe
     from saescope.train.run import train_and_release
@@ -81,7 +84,8 @@ def train_variant(store: Path, site: str, name: str, width: int, tokens: int, ou
             else SAESpec(site, arch, width, sparsity_coefficient=sparsity))
     t0 = time.perf_counter()
     folders = train_and_release(Trainer(StoreReader(store, [site]), [spec], recipe, out, n_steps=n_steps,
-                                        options=TrainOptions(progress=False, checkpoint_every=10**9)))
+                                        options=TrainOptions(progress=False, checkpoint_every=10**9),
+                                        fisher=fisher if recipe.input_norm == "fisher" else None))
     return folders[0], time.perf_counter() - t0, n_steps
 
 
@@ -152,6 +156,11 @@ def main() -> None:
     if any(v.endswith(KL_SUFFIX) for v in args.variants.split(",")):
         train_corpus = load_corpus("wiki-vital", tokenizer, seq_len=256, max_tokens=args.finetune_tokens * 2,
                                    split="train", seed=1)
+    from saescope.activations.fisher import fisher_of_sites
+
+    # the Fisher map's metric, on training text (a seed apart from the store's order)
+    fisher = fisher_of_sites(model, load_corpus("wiki-vital", tokenizer, seq_len=256, max_tokens=8192, split="train",
+                                                seed=2), n_tokens=4096)
     for site_name in args.sites.split(","):
         site = Site.parse(site_name)
         rows = {}
@@ -161,7 +170,7 @@ def main() -> None:
                 base = name.removesuffix(KL_SUFFIX)
                 if base not in saes:
                     folder, seconds, steps = train_variant(store, site_name, base, args.width, args.tokens,
-                                                           Path(tmp) / base)
+                                                           Path(tmp) / base, fisher)
                     saes[base] = (site, load_sae(folder))
                     rows[base] = {"seconds": seconds, "steps": steps, "tokens": args.tokens}
                 if name != base:

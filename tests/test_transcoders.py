@@ -396,8 +396,8 @@ def test_cli_harvest_train_eval_report_features_with_transcoders(tmp_path, tiny_
 
 
 def test_pipeline_runs_transcoders_next_to_saes(tmp_path, tiny_model):
-    """``saescope run --sites transcoder@1,mlp_out@1`` on the quick preset (BatchTopK, diagonal
-    maps): trained, evaluated, canonical per site, in the report and the feature database."""
+    """``saescope run --sites transcoder@1,mlp_out@1`` on the quick preset (BatchTopK; the SAE
+    behind the Fisher map, the transcoder behind diagonal maps): trained, evaluated, canonical per site, in the report and the feature database."""
     import random
     import sqlite3
 
@@ -419,6 +419,9 @@ def test_pipeline_runs_transcoders_next_to_saes(tmp_path, tiny_model):
     assert set(canonical) == {"layer_1/mlp_out", "layer_1/transcoder"}
     config = json.loads((out / "release" / canonical["layer_1/transcoder"] / "config.json").read_text())
     assert config["architecture"] == "jumprelu_skip_transcoder" and config["input_norm"] == "diagonal"
+    # the quick preset's SAEs train behind the Fisher map; the transcoder next to them keeps a diagonal one
+    sae_config = json.loads((out / "release" / canonical["layer_1/mlp_out"] / "config.json").read_text())
+    assert sae_config["input_norm"] == "fisher"
     assert "transcoder: reads the MLP's input (mlp_in)" in (out / "report" / "report.html").read_text()
     with sqlite3.connect(out / "features" / "features.sqlite") as db:
         assert {r[0] for r in db.execute("SELECT site FROM saes")} == {"layer_1/mlp_out", "layer_1/transcoder"}

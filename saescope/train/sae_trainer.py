@@ -139,11 +139,11 @@ class SAETrainer:
         sae, recipe = self.sae, self.recipe
         if (y_BD is None) == bool(getattr(sae, "is_transcoder", False)):
             raise ValueError(f"{self.name}: a transcoder trains on (x, y) pairs, an SAE on x alone")
-        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        x_BD = raw_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
         x_BD = self.input_norm.apply(x_BD) if self.input_norm is not None else x_BD / self.input_scale
         target = {}
         if y_BD is not None:
-            y_BD = y_BD.to(self.device, torch.float32, non_blocking=True)
+            y_BD = raw_BD = y_BD.to(self.device, torch.float32, non_blocking=True)
             y_BD = self.target_norm.apply(y_BD) if self.target_norm is not None else y_BD / self.target_scale
             target = {"target_BD": y_BD}
         lr = recipe.lr_at(step, self.n_steps)
@@ -172,7 +172,7 @@ class SAETrainer:
         if hasattr(sae, "clamp_threshold_"):  # JumpReLU: θ must stay positive
             sae.clamp_threshold_(recipe.threshold_min)
 
-        step_sums = self._accumulate(x_BD if y_BD is None else y_BD, out, step)
+        step_sums = self._accumulate(x_BD if y_BD is None else y_BD, out, step, raw_BD)
         if step == self.n_steps - 1:  # the released SAE's L0, on the last batch
             if hasattr(sae, "calibrate_threshold_"):  # BatchTopK
                 sae.calibrate_threshold_(x_BD)
@@ -204,14 +204,16 @@ class SAETrainer:
         raise NonFiniteError(self.name, self.site, step, cause)
 
     @torch.no_grad()
-    def _accumulate(self, x_BD: torch.Tensor, out, step: int) -> torch.Tensor:
-        """Metric sums of a step on ``x_BD``, the normalised batch (a transcoder's: its target)."""
+    def _accumulate(self, x_BD: torch.Tensor, out, step: int, raw_BD: torch.Tensor) -> torch.Tensor:
+        """Metric sums of a step on ``x_BD``, the normalised batch (a transcoder's: its target),
+        whose raw values are ``raw_BD``."""
         B = x_BD.shape[0]
         x_hat_BD = out.x_hat_BD.float()
         err_BD, dev_BD = x_BD - x_hat_BD, x_BD - x_BD.mean(dim=0)
         norm = self.target_norm if getattr(self.sae, "is_transcoder", False) else self.input_norm
-        if norm is not None:  # FVU in raw units, as eval reports it
-            err_BD, dev_BD = norm.to_raw(err_BD), norm.to_raw(dev_BD)
+        if norm is not None:  # FVU in raw units, as eval reports it (a full map: one product, not two)
+            err_BD = norm.to_raw(err_BD)
+            dev_BD = raw_BD - raw_BD.mean(dim=0) if norm.matrix_DD is not None else norm.to_raw(dev_BD)
         resid_ss = err_BD.pow(2).sum()
         # FVU's denominator is the variance about the batch mean, not about zero.
         total_ss = dev_BD.pow(2).sum()
