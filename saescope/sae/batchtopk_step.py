@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from saescope.sae.workspace import POOL
+from saescope.sae.workspace import POOL, step_precision
 
 #: the cut is read off a strided sample of about this many pre-activations
 _SAMPLE = 2**16
@@ -44,13 +44,7 @@ def batchtopk_step(
     """Returns ``(x_hat_BD, fired_F, cut)``: the reconstruction (differentiable w.r.t. the four
     parameters), the per-latent firing counts (int64) and the smallest kept activation (a 0-d
     fp32 tensor; BatchTopK's inference threshold is estimated from it)."""
-    if x_BD.ndim != 2 or x_BD.shape[1] != W_enc_DF.shape[0]:
-        raise ValueError(f"expected a batch of shape (B, {W_enc_DF.shape[0]}), got {tuple(x_BD.shape)}")
-    device_type = x_BD.device.type
-    low_dtype = None
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        low_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    device_type, low_dtype = step_precision(x_BD, W_enc_DF)
     with torch.autocast(device_type, enabled=False):
         x_hat_BD, fired_F, cut = _BatchTopKStep.apply(x_BD.float(), W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, int(k),
                                                       bool(centre_input), low_dtype)

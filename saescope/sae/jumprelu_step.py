@@ -56,7 +56,7 @@ import warnings
 import torch
 import torch.nn.functional as nnf
 
-from saescope.sae.workspace import POOL
+from saescope.sae.workspace import POOL, step_precision
 
 PATHS = ("auto", "dense", "sparse")
 #: ``auto`` takes the sparse path below this fraction of (token, latent) pairs with π > θ − ε/2 …
@@ -93,13 +93,7 @@ def jumprelu_step(
     ``counts_straight_through``: ``fired_F``'s gradient also reaches π (module docstring)."""
     if path not in PATHS:
         raise ValueError(f"unknown JumpReLU step path {path!r}; use one of {', '.join(PATHS)}")
-    if x_BD.ndim != 2 or x_BD.shape[1] != W_enc_DF.shape[0]:
-        raise ValueError(f"expected a batch of shape (B, {W_enc_DF.shape[0]}), got {tuple(x_BD.shape)}")
-    device_type = x_BD.device.type
-    low_dtype = None
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        low_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    device_type, low_dtype = step_precision(x_BD, W_enc_DF)
     with torch.autocast(device_type, enabled=False):
         x_hat_BD, l0, fired_F, l0_B, counts_F = _JumpReLUStep.apply(
             x_BD.float(), W_enc_DF, W_dec_FD, b_enc_F, b_dec_D, threshold_F,

@@ -1,4 +1,4 @@
-"""Reusable batch×width buffers for the fused JumpReLU step.
+"""Reusable batch×width buffers for the fused JumpReLU and BatchTopK steps, and their shared checks.
 
 A training step at batch 4,096 and width 16,384 needs a few 268 MB scratch tensors (the
 pre-activations, then the latent gradient).  Allocating them afresh every step costs more than
@@ -92,3 +92,15 @@ class BufferPool:
 
 #: the pool every JumpReLU SAE in this process borrows from
 POOL = BufferPool()
+
+
+def step_precision(x_BD: torch.Tensor, W_enc_DF: torch.Tensor) -> tuple[str, torch.dtype | None]:
+    """A fused step's checks and precision: refuses a batch that is not (B, d_in); returns the
+    device type and the 16-bit dtype its products run in under ``torch.autocast`` (None: fp32)."""
+    if x_BD.ndim != 2 or x_BD.shape[1] != W_enc_DF.shape[0]:
+        raise ValueError(f"expected a batch of shape (B, {W_enc_DF.shape[0]}), got {tuple(x_BD.shape)}")
+    device_type = x_BD.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return device_type, None
+    dtype = torch.get_autocast_dtype(device_type)
+    return device_type, dtype if dtype in (torch.bfloat16, torch.float16) else None
