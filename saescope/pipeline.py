@@ -211,7 +211,7 @@ def _train(cfg: RunConfig, source, sites, out: Path, progress: bool, fisher=None
     from saescope.train.trainer import Trainer, TrainOptions
 
     specs = sweep(sites, cfg.widths, architecture=cfg.architecture,
-                  sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks,
+                  sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, kind_ks=cfg.kind_ks,
                   target_l0s=cfg.target_l0s, prefixes=cfg.prefixes, seed=cfg.seed,
                   skip_connection=cfg.skip_connection)
     recipe = Recipe.for_steps(cfg.n_steps, **cfg.recipe_overrides(),

@@ -95,6 +95,26 @@ def fraction(text: str) -> float:
     return value
 
 
+def kind_value(text: str) -> str:
+    """``kind=k`` (a site kind and a positive whole number), e.g. ``attn_z=85``; kept as written."""
+    name, sep, value = text.strip().partition("=")
+    if not sep or name not in KNOWN_KINDS:
+        raise argparse.ArgumentTypeError(f"expected kind=k with a kind among {', '.join(KNOWN_KINDS)}, got {text!r}")
+    positive_int(value)
+    return f"{name}={int(value)}"
+
+
+def kind_values(items) -> dict[str, int]:
+    """``('attn_z=85', ...)`` -> ``{'attn_z': 85, ...}`` (each item as :func:`kind_value` checks)."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, _, value = kind_value(item).partition("=")
+        if name in out:
+            raise ValueError(f"site kind {name} given two values ({out[name]} and {value})")
+        out[name] = int(value)
+    return out
+
+
 def optional(kind):
     """``kind``, or ``none`` for None."""
     return lambda text: None if text.strip().lower() == "none" else kind(text)
@@ -189,6 +209,9 @@ class TrainSettings:
         default=(1e-3,), metadata={"flag": "l0_coefficients", "parse": listing(at_least(0, finite))})
     #: k sweep (topk, batchtopk): latents per token
     ks: tuple[int, ...] = field(default=(), metadata={"flag": "k", "parse": listing(positive_int)})
+    #: k per site kind, in place of --k at that kind's sites (kinds differ in how many latents
+    #: a token needs), e.g. attn_z=85,mlp_out=115
+    kind_ks: tuple[str, ...] = field(default=(), metadata={"flag": "kind_k", "parse": listing(kind_value)})
     #: target L0s (jumprelu family): one SAE per target, trained with Gemma Scope 2's
     #: λ·(2/L*)·(L0 − L*)² (λ: the one --l0-coefficients value), e.g. 20,60,150
     target_l0s: tuple[float, ...] = field(default=(), metadata={"flag": "target_l0", "parse": listing(positive())})

@@ -9,6 +9,9 @@ import pytest
 from saescope.pipeline import RunState
 from saescope.release.metrics import choose_canonical
 from saescope.presets import PRESETS, RunConfig, get_preset
+from saescope.settings import SITE_KINDS
+from saescope.sites import Site
+from saescope.train.spec import sweep
 
 
 def test_presets_are_valid_and_named():
@@ -16,6 +19,13 @@ def test_presets_are_valid_and_named():
     for name, cfg in PRESETS.items():
         assert cfg.n_steps >= 1, name
         assert cfg.description
+        specs = sweep([Site(3, kind) for kind in SITE_KINDS], cfg.widths, architecture=cfg.architecture,
+                      sparsity_coefficients=cfg.sparsity_coefficients, ks=cfg.ks, kind_ks=cfg.kind_ks,
+                      target_l0s=cfg.target_l0s, prefixes=cfg.prefixes)
+        assert {s.site.kind for s in specs} == set(SITE_KINDS), name
+    assert {s.site.kind: s.k for s in sweep([Site(3, kind) for kind in SITE_KINDS], (2048,), architecture="batchtopk",
+                                              ks=(100,), kind_ks=PRESETS["default"].kind_ks)} == \
+        {"resid_post": 100, "attn_z": 85, "mlp_out": 120}
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")
     with pytest.raises(ValueError, match="unknown run setting"):

@@ -195,6 +195,20 @@ def test_spec_names_validation_and_sweep():
     assert len(specs) == 8 and len({s.name for s in specs}) == 8
 
 
+def test_sweep_k_per_site_kind():
+    specs = sweep([RESID, MLP, Site(2, "mlp_out")], [4096], architecture="batchtopk", ks=[64, 100],
+                  kind_ks=["mlp_out=120"])
+    assert [(s.site.name, s.k) for s in specs] == [("layer_0/resid_post", 64), ("layer_0/resid_post", 100),
+                                                   ("layer_1/mlp_out", 120), ("layer_2/mlp_out", 120)]
+    assert [s.k for s in sweep([MLP], [4096], architecture="topk", kind_ks=["mlp_out=7"])] == [7]  # no --k needed
+    with pytest.raises(ValueError, match="at least one"):
+        sweep([RESID, MLP], [4096], architecture="topk", kind_ks=["mlp_out=7"])
+    with pytest.raises(ValueError, match="not jumprelu"):
+        sweep([MLP], [4096], sparsity_coefficients=[1e-3], kind_ks=["mlp_out=7"])
+    with pytest.raises(ValueError, match="two values"):
+        sweep([MLP], [4096], architecture="topk", kind_ks=["mlp_out=7", "mlp_out=8"])
+
+
 def test_input_scale_makes_mean_squared_norm_one():
     source = InMemorySource(make_data())
     scales = estimate_input_scales(source, [RESID, MLP], batch_size=64, n_tokens=512)

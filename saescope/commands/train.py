@@ -95,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
     from saescope.train.trainer import Trainer, TrainOptions
 
     if s.architecture in K_ARCHITECTURES:
-        if not s.ks:
+        if not s.ks and not s.kind_ks:
             raise ValueError(f"--arch {s.architecture} needs --k (e.g. --k 32,64)")
         if "sparsity_coefficients" in given:
             raise ValueError(f"--arch {s.architecture} takes --k, not --l0-coefficients")
-    elif s.ks:
-        raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k")
+    elif s.ks or s.kind_ks:
+        raise ValueError(f"--arch {s.architecture} takes --l0-coefficients, not --k or --kind-k")
     if s.architecture in K_ARCHITECTURES and s.target_l0s:
         raise ValueError(f"--target-l0 is for jumprelu and matryoshka_jumprelu; --arch {s.architecture} takes --k "
                          "(k is its L0)")
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     n_steps = max(1, tokens // s.batch_size)
     recipe = Recipe.for_steps(n_steps, **s.recipe_overrides())
     specs = sweep(sites, s.widths, architecture=s.architecture, sparsity_coefficients=s.sparsity_coefficients,
-                  ks=s.ks, target_l0s=s.target_l0s, prefixes=s.prefixes, seed=s.seed,
+                  ks=s.ks, kind_ks=s.kind_ks, target_l0s=s.target_l0s, prefixes=s.prefixes, seed=s.seed,
                   skip_connection=s.skip_connection)
     options = TrainOptions(device=str(device), checkpoint_every=s.checkpoint_every, log_every=args.log_every,
                            loggers=tuple(x.strip() for x in args.loggers.split(",") if x.strip()),

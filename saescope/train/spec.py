@@ -12,7 +12,7 @@ from typing import Any
 
 from saescope.release.layout import width_label
 from saescope.sae.transcoder import TRANSCODER_ARCHITECTURES, transcoder_architecture
-from saescope.settings import PAIR_KINDS
+from saescope.settings import PAIR_KINDS, kind_values
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
@@ -123,6 +123,7 @@ def sweep(
     architecture: str = "jumprelu",
     sparsity_coefficients: Iterable[float] = (),
     ks: Iterable[int] = (),
+    kind_ks: Iterable[str] = (),
     target_l0s: Iterable[float] = (),
     prefixes: Iterable[int] = (),
     seed: int = 0,
@@ -133,8 +134,12 @@ def sweep(
     or ``jumprelu_skip_transcoder`` with ``skip_connection``; likewise ``batchtopk``).
 
     With ``target_l0s`` (JumpReLU family) there is one SAE per target, each with the one λ of
-    ``sparsity_coefficients`` as the quadratic's weight."""
+    ``sparsity_coefficients`` as the quadratic's weight.  ``kind_ks`` (``'attn_z=85'``, …; k
+    architectures): the one k of that kind's sites, in place of ``ks``."""
     sites = list(sites)
+    k_of_kind = kind_values(kind_ks)
+    if k_of_kind and architecture not in K_ARCHITECTURES:
+        raise ValueError(f"a k per site kind is for {', '.join(sorted(K_ARCHITECTURES))}, not {architecture}")
     if any(site.kind in PAIR_KINDS for site in sites):
         transcoder_architecture(architecture, skip_connection)  # refuses topk and relu at once
     targets = [float(t) for t in target_l0s]
@@ -149,7 +154,7 @@ def sweep(
             raise ValueError(f"a target-L0 sweep takes exactly one sparsity coefficient, the quadratic's λ "
                              f"(--l0-coefficients; 0.01 on CPU: docs/gemma-scope-2.md), got {len(coefficients)}")
     values = list(ks) if architecture in K_ARCHITECTURES else (targets or coefficients)
-    if not values:
+    if not values and not (k_of_kind and all(site.kind in k_of_kind for site in sites)):
         what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients or target L0s"
         raise ValueError(f"a {architecture} sweep needs at least one of its {what}")
     extra = {"prefixes": prefixes} if architecture in MATRYOSHKA else {}
@@ -160,7 +165,7 @@ def sweep(
     for site in sites:
         arch = transcoder_architecture(architecture, skip_connection) if site.kind in PAIR_KINDS else architecture
         for width in widths:
-            for value in values:
+            for value in ([k_of_kind[site.kind]] if site.kind in k_of_kind else values):
                 if architecture in K_ARCHITECTURES:
                     specs.append(SAESpec(site, arch, width, k=int(value), seed=seed, **extra))
                 elif targets:
