@@ -49,7 +49,10 @@ VARIANTS: dict[str, tuple[str, float, dict, str]] = {
             "the CPU presets before the Fisher map: BatchTopK → JumpReLU, σ^-1/2, batch 1024"),
     "cpu-fisher": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "fisher", "input_norm_power": 0.5, "fisher_weight": 0.5,
                                      "batch_size": 1024},
-                   "the CPU presets now: BatchTopK → JumpReLU behind the Fisher map (half Fisher, half σ^-1/2)"),
+                   "BatchTopK → JumpReLU behind the Fisher map (half Fisher, half σ^-1/2) at every kind"),
+    "cpu-now": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "fisher", "input_norm_power": 0.5, "fisher_weight": 0.5,
+                                  "fisher_kinds": ("resid_post", "mlp_out"), "batch_size": 1024, "lr_decay_fraction": 0.2},
+                "the CPU presets now: cpu-fisher with attn_z behind the σ^-1/2 map, and the lr decay over the last 20%"),
     "cpu-decay": ("batchtopk", 50, {"lr": 2e-3, "input_norm": "diagonal", "input_norm_power": 0.5,
                                     "batch_size": 1024, "lr_decay_fraction": 0.8}, "the same with a cosine lr decay"),
 }

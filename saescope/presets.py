@@ -90,8 +90,12 @@ class RunConfig(TrainSettings):
 #: * a cosine lr decay over the last 20%: behind the Fisher map, two of 54 attn_z SAEs of the
 #:   default run (layers 12, 17) diverged in the last ~30 steps at a constant lr 2e-3 (held-out FVU
 #:   0.33 at step 96, 1.7 at step 128).
+#: * attn_z keeps the diagonal map (fisher_kinds): on layer 6 at equal budget the Fisher map raised
+#:   its FVU 0.302 -> 0.325 for a delta loss within noise (-0.007 -> -0.009 nats; zero ablation
+#:   costs 0.26), while resid_post (0.428 -> 0.372) and mlp_out (0.035 -> 0.028) gained.
 _CPU = dict(architecture="batchtopk", sparsity_coefficients=(), input_norm="fisher", input_norm_power=0.5,
-            fisher_weight=0.5, batch_size=1_024, lr=2e-3, lr_decay_fraction=0.2, device="cpu")
+            fisher_weight=0.5, fisher_kinds=("resid_post", "mlp_out"), batch_size=1_024, lr=2e-3,
+            lr_decay_fraction=0.2, device="cpu")
 
 #: The CPU recipe for Gemma Scope 2's target L0 (JumpReLU, λ·(2/L*)·(L0 − L*)²), measured on layer 6
 #: at 256 steps × 1,024 tokens (docs/gemma-scope-2.md; benchmarks/gemma_scope_2.py):

@@ -95,6 +95,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def site_kind(text: str) -> str:
+    """One of :data:`SITE_KINDS`."""
+    if text.strip() not in SITE_KINDS:
+        raise argparse.ArgumentTypeError(f"expected site kinds among {', '.join(SITE_KINDS)}, got {text!r}")
+    return text.strip()
+
+
 def kind_value(text: str) -> str:
     """``kind=k`` (a site kind and a positive whole number), e.g. ``attn_z=85``; kept as written."""
     name, sep, value = text.strip().partition("=")
@@ -186,7 +193,7 @@ RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "fisher_weight",
-                 "fisher_tokens", "lr_decay_fraction",
+                 "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
                  "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient")
 
 
@@ -248,6 +255,9 @@ class TrainSettings:
     fisher_weight: float = field(default=0.5, metadata={"parse": at_least(0, finite, high=1)})
     #: fisher input map: training tokens its Fisher metric is averaged over
     fisher_tokens: int = field(default=4_096, metadata={"parse": positive_int})
+    #: fisher input map: the SAE site kinds behind it (the others get the diagonal map)
+    fisher_kinds: tuple[str, ...] = field(default=("resid_post", "attn_z", "mlp_out"),
+                                          metadata={"parse": listing(site_kind)})
     #: cosine lr decay to 0 over this final fraction of the run (0: none, the paper)
     lr_decay_fraction: float = field(default=0.0, metadata={"parse": at_least(0, finite, high=1)})
     #: Adam β1 (the paper: 0)

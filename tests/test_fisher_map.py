@@ -187,6 +187,35 @@ def test_run_with_the_fisher_map_trains_releases_and_resumes(tmp_path, tiny_mode
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
 
 
+def test_fisher_kinds_choose_the_sites_behind_the_fisher_map(tmp_path, tiny_model, tiny_corpus):
+    """fisher_kinds: the Fisher metric is asked for those kinds' sites only; the other SAE sites
+    get the diagonal map, and each release names the map it was trained behind."""
+    from saescope.activations.fisher import fisher_of_sites
+    from saescope.activations.online import OnlineSource
+    from saescope.train.recipe import Recipe
+    from saescope.train.run import release_results
+    from saescope.train.spec import SAESpec
+    from saescope.train.trainer import Trainer, TrainOptions
+
+    model = tiny_model("gemma3", n_layers=2, seed=1)
+    corpus = tiny_corpus(n_seqs=24, seq_len=16)
+    sites = [Site(0, "resid_post"), Site(1, "attn_z")]
+    calls = []
+    fisher = fisher_of_sites(model, corpus, n_tokens=64)
+    recipe = Recipe.for_steps(4, lr=1e-2, batch_size=32, input_norm="fisher", input_norm_power=0.5,
+                              fisher_kinds=["resid_post"])
+    assert recipe.fisher_kinds == ("resid_post",)
+    specs = [SAESpec(s, "batchtopk", 32, k=4) for s in sites]
+    trainer = Trainer(OnlineSource(model, corpus, sites), specs, recipe, tmp_path, n_steps=4,
+                      options=TrainOptions(progress=False), fisher=lambda s: calls.append(s) or fisher(s))
+    folders = release_results(trainer, trainer.fit())
+    assert calls == [[sites[0]]]
+    assert trainer.norms[sites[0]].mode == "fisher" and trainer.norms[sites[1]].mode == "diagonal"
+    assert [json.loads((f / "config.json").read_text())["input_norm"] for f in folders] == ["fisher", "diagonal"]
+    with pytest.raises(ValueError, match="fisher_kinds must be among"):
+        Recipe(fisher_kinds=("resid",))
+
+
 def test_fisher_map_is_refused_where_it_cannot_work(tmp_path, tiny_model, tiny_corpus):
     from saescope.activations.online import OnlineSource
     from saescope.train.recipe import Recipe

@@ -27,6 +27,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
+from saescope.settings import SITE_KINDS
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -77,6 +79,9 @@ class Recipe:
     #: "fisher": kept training tokens the Fisher metric is averaged over (one forward and
     #: backward of the model per ~512 of them, every site at once)
     fisher_tokens: int = 4_096
+    #: "fisher": the SAE site kinds behind the Fisher map; SAEs at other kinds (and transcoders)
+    #: are trained behind the diagonal map
+    fisher_kinds: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
 
     # --- SAE constraints and JumpReLU specifics ---
     #: project the parallel component out of W_dec's gradient, renormalise rows after the step
@@ -133,6 +138,9 @@ class Recipe:
             raise ValueError(f"input_norm must be 'scalar', 'centred', 'diagonal' or 'fisher', got {self.input_norm!r}")
         if not 0 <= self.fisher_weight <= 1:
             raise ValueError(f"fisher_weight must lie in [0, 1], got {self.fisher_weight}")
+        object.__setattr__(self, "fisher_kinds", tuple(self.fisher_kinds))  # JSON reads back a list
+        if set(self.fisher_kinds) - set(SITE_KINDS):
+            raise ValueError(f"fisher_kinds must be among {', '.join(SITE_KINDS)}, got {', '.join(self.fisher_kinds)}")
         if self.fisher_tokens < 1:
             raise ValueError(f"fisher_tokens must be >= 1, got {self.fisher_tokens}")
         if self.b_dec_init not in ("zeros", "mean"):

@@ -266,8 +266,9 @@ class Trainer:
         return trainer
 
     def _estimate_norms(self) -> None:
-        """Each site's input map from the run's first batches (input_norm "fisher": SAE sites get
-        the Fisher map, transcoder sites a diagonal one), and the scales the trainers read."""
+        """Each site's input map from the run's first batches (input_norm "fisher": SAE sites of
+        ``fisher_kinds`` get the Fisher map, other SAE sites and transcoder sites a diagonal one),
+        and the scales the trainers read."""
         recipe = self.recipe
         estimate = dict(batch_size=recipe.batch_size, seed=self.data_seed, reduce_sums=self.plan.reduce_sums,
                         power=recipe.input_norm_power,
@@ -276,10 +277,15 @@ class Trainer:
             self.norms = estimate_input_norms(self.source, self.sites, mode=recipe.input_norm, **estimate)
         else:
             sae_sites = data_sites(s.site for s in self.specs if s.site.kind not in PAIR_KINDS)
+            fisher_sites = [site for site in sae_sites if site.kind in recipe.fisher_kinds]
+            diagonal_sites = [site for site in sae_sites if site.kind not in recipe.fisher_kinds]
             pair_sites = data_sites(s.site for s in self.specs if s.site.kind in PAIR_KINDS)
-            if sae_sites:
-                self.norms = estimate_input_norms(self.source, sae_sites, mode="fisher", fisher=self.fisher(sae_sites),
+            if fisher_sites:
+                self.norms = estimate_input_norms(self.source, fisher_sites, mode="fisher",
+                                                  fisher=self.fisher(fisher_sites),
                                                   fisher_weight=recipe.fisher_weight, **estimate)
+            if diagonal_sites:
+                self.norms.update(estimate_input_norms(self.source, diagonal_sites, mode="diagonal", **estimate))
             if pair_sites:
                 self.pair_norms = estimate_input_norms(self.source, pair_sites, mode="diagonal", **estimate)
         self.scales = {site: (n.scalar if n.mode == "scalar" else (1.0 if n.is_finite else math.nan))
