@@ -281,9 +281,8 @@ class Trainer:
             diagonal_sites = [site for site in sae_sites if site.kind not in recipe.fisher_kinds]
             pair_sites = data_sites(s.site for s in self.specs if s.site.kind in PAIR_KINDS)
             if fisher_sites:
-                self.norms = estimate_input_norms(self.source, fisher_sites, mode="fisher",
-                                                  fisher=self.fisher(fisher_sites),
-                                                  fisher_weight=recipe.fisher_weight, **estimate)
+                self.norms = estimate_input_norms(self.source, fisher_sites, mode="fisher", fisher=self.fisher(
+                    fisher_sites), fisher_weight=recipe.fisher_weight, **estimate)
             if diagonal_sites:
                 self.norms.update(estimate_input_norms(self.source, diagonal_sites, mode="diagonal", **estimate))
             if pair_sites:
