@@ -87,12 +87,12 @@ class RunConfig(TrainSettings):
 #: * the "fisher" input map (half the metric the model's Fisher at the site, half the diagonal
 #:   map's): the MSE then weighs each direction by what an error there costs the LM loss; at
 #:   equal budget it cut delta loss 25–35% on layer 13 and 17 mlp_out and resid_post.
+#:   At every kind, attn_z included: on layer 6 alone the Fisher map raised attn_z's FVU 0.302 ->
+#:   0.325 for a delta loss within noise, but in the default run attn_z behind the diagonal map
+#:   (and k 85) reached CE recovered >= 0.9 at 8/18 sites, against 13/18 behind the Fisher map.
 #: * a cosine lr decay over the last 20%: behind the Fisher map, two of 54 attn_z SAEs of the
 #:   default run (layers 12, 17) diverged in the last ~30 steps at a constant lr 2e-3 (held-out FVU
 #:   0.33 at step 96, 1.7 at step 128).
-#:   Every kind, attn_z included: on layer 6 alone the Fisher map raised attn_z's FVU 0.302 ->
-#:   0.325 for a delta loss within noise, but in the default run attn_z behind the diagonal map
-#:   (and k 85) reached CE recovered >= 0.9 at 8/18 sites, against 13/18 behind the Fisher map.
 _CPU = dict(architecture="batchtopk", sparsity_coefficients=(), input_norm="fisher", input_norm_power=0.5,
             fisher_weight=0.5, batch_size=1_024, lr=2e-3, lr_decay_fraction=0.2, device="cpu")
 
