@@ -217,7 +217,7 @@ class TrainSettings:
     #: k sweep (topk, batchtopk): latents per token
     ks: tuple[int, ...] = field(default=(), metadata={"flag": "k", "parse": listing(positive_int)})
     #: k per site kind, in place of --k at that kind's sites (kinds differ in how many latents
-    #: a token needs), e.g. attn_z=85,mlp_out=115
+    #: a token needs), e.g. attn_z=85,mlp_out=120
     kind_ks: tuple[str, ...] = field(default=(), metadata={"flag": "kind_k", "parse": listing(kind_value)})
     #: target L0s (jumprelu family): one SAE per target, trained with Gemma Scope 2's
     #: λ·(2/L*)·(L0 − L*)² (λ: the one --l0-coefficients value), e.g. 20,60,150
