@@ -4,7 +4,8 @@ maps x_n = (x − mean)·G^½ (loss eᵀ·G·e), folded to raw units, evaluated 
 Maps: ``diag`` (the σ^−½ diagonal map), ``fisher`` (the site's Fisher metric, plus the 1% ridge),
 ``mixW`` (W·Fisher + (1 − W)·diag: the "fisher" input map with fisher_weight W), ``fdmixW`` (the
 same with the Fisher's diagonal only), ``scalarc`` (centred scalar).  Options per variant after
-``@``: ``k=``, ``w=`` (width), ``ep=`` (epochs), ``bs=``, ``lr=``, ``tok=`` (training tokens).
+``@``: ``k=``, ``w=`` (width), ``ep=`` (epochs), ``bs=``, ``lr=``, ``tok=`` (training tokens),
+``dec=`` (the cosine lr decay's fraction of the run; the CPU presets use 0.2).
 The Fisher metrics come from a file written by ``--write-fisher`` (saescope.activations.fisher).
 Prints one row per variant; never a timed test.  Example (docs/fidelity.md's table)::
 
@@ -14,6 +15,7 @@ Prints one row per variant; never a timed test.  Example (docs/fidelity.md's tab
 """
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ p.add_argument("--write-fisher",help="compute the site's Fisher metric on 4,096 
 p.add_argument("--loss-tokens",type=int,default=8192); p.add_argument("--ridge",type=float,default=0.01)
 p.add_argument("--epochs",type=int,default=1)
 a=p.parse_args()
-torch.set_num_threads(2); torch.manual_seed(0)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2))); torch.manual_seed(0)
 site=Site.parse(a.site)
 st=ActivationStore(a.store)
 X=torch.cat([st.read(site,i) for i in range(math.ceil(a.tokens/32768))])[:a.tokens]
@@ -76,11 +78,12 @@ for vfull in a.variants.split(","):
     v,_,opts=vfull.partition("@")
     o=dict(kv.split("=") for kv in opts.split(";")) if opts else {}
     k=int(o.get("k",a.k)); width=int(o.get("w",a.width)); ep=int(o.get("ep",a.epochs)); bs=int(o.get("bs",a.batch)); lr=float(o.get("lr",a.lr))
+    dec=float(o.get("dec",0.0))
     ntr=int(o.get("tok",a.tokens)); n_steps=ntr//bs*ep
     G=G_of(v); M,Minv=sqrtm(G); M=M.float(); Minv=Minv.float()
     torch.manual_seed(0)
     sae=build_sae(TopKConfig(architecture="batchtopk",d_in=X.shape[1],d_sae=width,k=k,centre_input=True))
-    rec=Recipe.for_steps(n_steps,lr=lr,batch_size=bs,dtype="bfloat16")
+    rec=Recipe.for_steps(n_steps,lr=lr,batch_size=bs,dtype="bfloat16",lr_decay_fraction=dec)
     tr=SAETrainer(sae,rec,sparsity_coefficient=0.0,n_steps=n_steps)
     t0=time.time()
     for s in range(n_steps):
