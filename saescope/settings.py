@@ -103,10 +103,10 @@ def site_kind(text: str) -> str:
 
 
 def kind_value(text: str) -> str:
-    """``kind=k`` (a site kind and a positive whole number), e.g. ``attn_z=85``; kept as written."""
+    """``kind=N`` (a site kind and a positive whole number), e.g. ``attn_z=85``; kept as written."""
     name, sep, value = text.strip().partition("=")
     if not sep or name not in KNOWN_KINDS:
-        raise argparse.ArgumentTypeError(f"expected kind=k with a kind among {', '.join(KNOWN_KINDS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected kind=N with a kind among {', '.join(KNOWN_KINDS)}, got {text!r}")
     positive_int(value)
     return f"{name}={int(value)}"
 
@@ -192,7 +192,7 @@ PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
 RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "dtype", "b_dec_init", "input_norm", "input_norm_power", "fisher_weight",
+RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "dtype", "b_dec_init", "input_norm", "input_norm_power", "fisher_weight",
                  "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
                  "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient")
 
@@ -239,6 +239,9 @@ class TrainSettings:
     seq_len: int = field(default=1024, metadata={"parse": at_least(2)})
     #: activations per training step
     batch_size: int = field(default=4_096, metadata={"parse": positive_int})
+    #: Adam steps per batch at a site kind, e.g. mlp_out=2: its SAEs take each batch as 2 equal
+    #: parts (twice the steps on the same tokens, at about the same FLOPs)
+    kind_splits: tuple[str, ...] = field(default=(), metadata={"flag": "kind_split", "parse": listing(kind_value)})
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
     lr: float = field(default=7e-5, metadata={"parse": at_least(1e-12, finite)})
     #: training precision: float32 (the paper) or bfloat16 autocast with fp32 weights

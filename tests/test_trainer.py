@@ -479,3 +479,69 @@ def test_non_scalar_input_map_resumes_bit_identically_and_releases_exactly(tmp_p
             assert torch.allclose(released(x), expected, rtol=1e-4, atol=1e-4)
             if released.architecture == "jumprelu":  # unit-norm decoder rows in raw units
                 assert torch.allclose(released.W_dec.norm(dim=1), torch.ones(spec.d_sae), atol=1e-5)
+
+
+# --- steps per batch by site kind (Recipe.kind_splits) -----------------------------------------
+
+
+class Recording:
+    """A source that keeps every batch each pass over it yields."""
+
+    def __init__(self, source):
+        self.source, self.sites, self.d_in = source, source.sites, source.d_in
+        self.data_identity = source.data_identity
+        self.passes: list[list[dict]] = []
+
+    def iter_batches(self, batch_size, *, seed=0, skip_batches=0):
+        self.passes.append([])
+        for batch in self.source.iter_batches(batch_size, seed=seed, skip_batches=skip_batches):
+            self.passes[-1].append(batch)
+            yield batch
+
+
+def test_recipe_split_keeps_warmups_in_tokens_and_refuses_bad_splits():
+    recipe = RECIPE.replace(kind_splits=("mlp_out=2",), sparsity_warmup_steps=5)
+    assert (recipe.splits_at("mlp_out"), recipe.splits_at("resid_post")) == (2, 1)
+    half = recipe.split(2)
+    assert (half.batch_size, half.lr_warmup_steps, half.sparsity_warmup_steps, half.kind_splits) == (16, 6, 10, ())
+    assert recipe.split(1) is recipe
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe  # a checkpoint's round trip
+    with pytest.raises(ValueError, match="mlp_out=3 does not divide the batch of 32"):
+        RECIPE.replace(kind_splits=("mlp_out=3",))
+    with pytest.raises(ValueError, match="kind_splits: .*noise=2"):
+        RECIPE.replace(kind_splits=("noise=2",))
+    with pytest.raises(ValueError, match="kind_splits: mlp_out=16 does not divide the 8 rows"):
+        Trainer(InMemorySource(make_data()), SPECS, RECIPE.replace(kind_splits=("mlp_out=16",)), "unused",
+                n_steps=4, plan=TrainPlan(build_sae=TinySAE, rows_divisor=4))  # a data-parallel rank's 8 rows
+
+
+def test_a_split_kind_takes_one_step_per_part_of_each_batch(tmp_path):
+    """mlp_out=2: its SAE is exactly an SAETrainer stepped on each batch's two halves; the other
+    kind's SAEs are those of a run without the split."""
+    source = Recording(InMemorySource(make_data()))
+    split = trainer(source, tmp_path / "split", recipe=RECIPE.replace(kind_splits=("mlp_out=2",)))
+    split.fit()
+    plain = trainer(InMemorySource(make_data()), tmp_path / "plain")
+    plain.fit()
+    for a, b in zip(split.trainers, plain.trainers):
+        same = all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters()))
+        assert same == (a.site == RESID), a.name
+
+    t = next(t for t in split.trainers if t.site == MLP)
+    assert t.n_steps == 24 and t.tokens_seen == 12 * 32
+    torch.manual_seed(1)  # the spec's seed
+    manual = SAETrainer(TinySAE(SAEConfig(20, 24, "tiny")), RECIPE.split(2), sparsity_coefficient=1e-2, n_steps=24,
+                        input_scale=t.input_scale, name="manual", site=MLP, final_steps=4)
+    for step, batch in enumerate(source.passes[-1]):
+        for j, half in enumerate(batch[MLP].chunk(2)):
+            manual.update(2 * step + j, half, return_metrics=False)
+    for (name, p), q in zip(t.sae.named_parameters(), manual.sae.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_split_run_resumes_bit_identically(tmp_path):
+    reference, resumed = straight_and_resumed(InMemorySource(make_data()), tmp_path,
+                                              recipe=RECIPE.replace(kind_splits=("mlp_out=2", "resid_post=4")))
+    for a, b in zip(reference.trainers, resumed.trainers):
+        for key, value in a.state_tensors().items():
+            assert torch.equal(value, b.state_tensors()[key]), f"{a.name}: {key} differs after resume"

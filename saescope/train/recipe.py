@@ -24,10 +24,11 @@ run with the same absolute warm-ups would spend most or all of itself warming up
 from __future__ import annotations
 
 import math
+from argparse import ArgumentTypeError
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
-from saescope.settings import SITE_KINDS
+from saescope.settings import SITE_KINDS, kind_values
 
 DTYPES = ("float32", "bfloat16")
 
@@ -59,6 +60,10 @@ class Recipe:
 
     # --- data ---
     batch_size: int = 4_096
+    #: Adam steps per batch by site kind, e.g. ("mlp_out=2",): that kind's SAEs take each batch
+    #: as 2 equal parts, one step each (twice the steps on the same tokens, at about the same
+    #: FLOPs; warm-ups and decay keep their share of the run); other kinds take one step
+    kind_splits: tuple[str, ...] = ()
     #: "float32" (the paper) or "bfloat16" (autocast; fp32 master weights and optimiser state)
     dtype: str = "float32"
     #: C is estimated as sqrt(mean ‖x‖²) over at least this many tokens (whole batches) read
@@ -130,6 +135,14 @@ class Recipe:
             raise ValueError(f"lr_decay_fraction must lie in [0, 1], got {self.lr_decay_fraction}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        object.__setattr__(self, "kind_splits", tuple(self.kind_splits))  # JSON reads back a list
+        try:
+            splits = kind_values(self.kind_splits)
+        except ArgumentTypeError as err:  # the message names what is wrong
+            raise ValueError(f"kind_splits: {err}") from None
+        for kind, n in splits.items():
+            if self.batch_size % n:
+                raise ValueError(f"kind_splits: {kind}={n} does not divide the batch of {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.scale_estimate_tokens < 1 or self.dead_window_tokens < 1:
@@ -217,6 +230,19 @@ class Recipe:
         }
         rule.update(overrides)
         return cls(**rule)
+
+    def splits_at(self, kind: str) -> int:
+        """Adam steps per batch for SAEs at sites of ``kind`` (``kind_splits``; 1 if not named)."""
+        return kind_values(self.kind_splits).get(kind, 1)
+
+    def split(self, n: int) -> Recipe:
+        """This recipe for SAEs taking each batch as ``n`` parts: batches of batch_size / n, the
+        warm-ups ``n`` times as many (shorter) steps, so they span the same tokens."""
+        if n == 1:
+            return self
+        return replace(self, batch_size=self.batch_size // n, kind_splits=(),
+                       **{name: getattr(self, name) * n
+                          for name in ("lr_warmup_steps", "sparsity_warmup_steps", "target_l0_warmup_steps")})
 
     # --- serialisation -----------------------------------------------------------------------
 

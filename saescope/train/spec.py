@@ -178,3 +178,17 @@ def sweep(
     if duplicates:
         raise ValueError(f"duplicate SAEs in sweep: {', '.join(duplicates)}")
     return specs
+
+
+def check_recipe_fits(specs: Iterable[SAESpec], recipe, rows_per_step: int) -> None:
+    """Refuse a recipe the specs cannot train under (``recipe``: a
+    :class:`~saescope.train.recipe.Recipe`; ``rows_per_step``: this process's rows per batch)."""
+    specs = list(specs)
+    others = sorted({s.architecture for s in specs} - JUMPRELU_FAMILY)
+    if recipe.max_frequency is not None and others:
+        raise ValueError(f"the frequency penalty (max_frequency) acts on JumpReLU thresholds; "
+                         f"{', '.join(others)} SAEs cannot take it")
+    for kind in sorted({s.site.kind for s in specs}):
+        if rows_per_step % recipe.splits_at(kind):
+            raise ValueError(f"kind_splits: {kind}={recipe.splits_at(kind)} does not divide the "
+                             f"{rows_per_step} rows of this process's batch")

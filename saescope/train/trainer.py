@@ -44,7 +44,7 @@ from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
 from saescope.train.run_log import NullLog, RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
-from saescope.train.spec import SAESpec
+from saescope.train.spec import SAESpec, check_recipe_fits
 
 
 #: the checkpoint entry holding "fisher" input maps' matrices (SAE names start with "layer_")
@@ -165,13 +165,6 @@ class Trainer:
         if self.n_steps < 1:
             raise ValueError(f"a run needs at least one step, got n_steps={self.n_steps}")
         self.recipe = recipe if recipe is not None else Recipe.for_steps(self.n_steps)
-        if self.recipe.max_frequency is not None:
-            from saescope.train.spec import JUMPRELU_FAMILY
-
-            others = sorted({s.architecture for s in specs} - JUMPRELU_FAMILY)
-            if others:
-                raise ValueError(f"the frequency penalty (max_frequency) acts on JumpReLU thresholds; "
-                                 f"{', '.join(others)} SAEs cannot take it")
         if self.recipe.input_norm == "fisher" and any(s.site.kind not in PAIR_KINDS for s in specs):
             if fisher is None:
                 raise ValueError("input_norm 'fisher' needs the model's Fisher metric at each site: train online "
@@ -183,6 +176,7 @@ class Trainer:
         self.plan = plan or TrainPlan()
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
         self.rows_per_step = self.plan.rows_per_step(self.recipe.batch_size)
+        check_recipe_fits(specs, self.recipe, self.rows_per_step)
         self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
         self.data = data_identity(source)  # of the whole data, before this rank's slice is taken
         self.source = self.plan.local_source(source)
@@ -221,6 +215,7 @@ class Trainer:
 
     def _make_trainer(self, spec: SAESpec) -> SAETrainer:
         x_site, y_site = io_sites(spec.site)
+        split = self.recipe.splits_at(spec.site.kind)  # Adam steps per batch (Recipe.kind_splits)
         cfg = SAEConfig(
             d_in=self.source.d_in[x_site],
             d_out=self.source.d_in[y_site],
@@ -234,7 +229,7 @@ class Trainer:
             prefixes=spec.prefixes,
             max_frequency=self.recipe.max_frequency,
             frequency_coefficient=self.recipe.frequency_coefficient,
-            frequency_window=max(1, self.recipe.frequency_window_tokens // self.rows_per_step),
+            frequency_window=max(1, self.recipe.frequency_window_tokens * split // self.rows_per_step),
             metadata={"model": self.model_name, "site": spec.site.name},
         )
         # Initialise on the CPU from the spec's seed alone, so the same spec starts from the same
@@ -245,9 +240,9 @@ class Trainer:
         scale = self.scales[x_site] if math.isfinite(self.scales[y_site]) else math.nan
         trainer = SAETrainer(
             sae.to(self.device),
-            self.recipe,
+            self.recipe.split(split),
             sparsity_coefficient=spec.sparsity_coefficient or 0.0,
-            n_steps=self.n_steps,
+            n_steps=self.n_steps * split,
             input_scale=scale if math.isfinite(scale) else 1.0,
             input_norm=self._norms_of(spec)[x_site] if self.recipe.input_norm != "scalar" else None,
             target_scale=self.scales[y_site] if math.isfinite(self.scales[y_site]) else 1.0,
@@ -369,10 +364,12 @@ class Trainer:
                         if a.shape != (self.rows_per_step, self.source.d_in[s]):
                             raise ValueError(f"the source gave {s} a batch of shape {tuple(a.shape)}, "
                                              f"expected ({self.rows_per_step}, {self.source.d_in[s]})")
-                    xy = [a.to(self.device, non_blocking=True) for a in xy]
+                    split = self.recipe.splits_at(site.kind)
+                    parts = list(zip(*(a.to(self.device, non_blocking=True).chunk(split) for a in xy)))
                     for t in ts:
                         try:
-                            t.update(step, *xy, return_metrics=False)
+                            for j, part in enumerate(parts):
+                                t.update(step * split + j, *part, return_metrics=False)
                         except NonFiniteError as err:
                             log.write({"step": step, "event": "error", "sae": t.name, "site": str(site),
                                        "error": t.error})
