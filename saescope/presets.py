@@ -135,7 +135,7 @@ PRESETS: dict[str, RunConfig] = {
     # plus the 262k-word head per SAE, site (zero ablation) and loss token.
     "default": RunConfig(
         description="Embedded default on CPU: 54 sites, BatchTopK->JumpReLU k=100 (attn_z 85, mlp_out 120), "
-                    "width 2048, 197k tokens",
+                    "width 2048, 197k tokens of wiki-vital+python-docs",
         widths=(2048,),
         ks=(100,),
         # the released JumpReLU's held-out L0 per k, measured at k = 100 (runs/d6): attn_z 1.21-1.65
@@ -143,6 +143,10 @@ PRESETS: dict[str, RunConfig] = {
         # from a larger k (layer 13: CE recovered 0.80 -> 0.85 at k 100 -> 150)
         kind_ks=("attn_z=85", "mlp_out=120"),
         train_tokens=196_608,
+        # train on the mix the run evaluates on (disjoint documents): trained on wiki-vital alone,
+        # CE recovered on held-out python-docs was far below wiki's (runs/d9 -> runs/d10: CE >= 0.9
+        # at resid_post 17 -> 18, attn_z 13 -> 18, mlp_out 4 -> 12 of 18 sites; docs/fidelity.md)
+        corpus="wiki-vital+python-docs",
         fisher_tokens=4_096,
         eval_tokens=8_192,
         eval_loss_tokens=4_096,
