@@ -347,6 +347,7 @@ class Trainer:
         by_site: dict[Site, list[SAETrainer]] = {}
         for t in self.trainers:
             by_site.setdefault(t.site, []).append(t)
+        splits = {site: self.recipe.splits_at(site.kind) for site in by_site}  # Adam steps per batch
         batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=start)
         bar = tqdm(total=self.n_steps * B, initial=start * B, unit="tok", unit_scale=True,
                    desc=f"training {len(self.trainers)} SAEs", disable=not (self.options.progress and self.plan.writes))
@@ -364,7 +365,7 @@ class Trainer:
                         if a.shape != (self.rows_per_step, self.source.d_in[s]):
                             raise ValueError(f"the source gave {s} a batch of shape {tuple(a.shape)}, "
                                              f"expected ({self.rows_per_step}, {self.source.d_in[s]})")
-                    split = self.recipe.splits_at(site.kind)
+                    split = splits[site]
                     parts = list(zip(*(a.to(self.device, non_blocking=True).chunk(split) for a in xy)))
                     for t in ts:
                         try:
