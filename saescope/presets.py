@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from saescope.settings import TrainSettings, at_least, finite, kind_values, optional, positive_int
+from saescope.settings import TrainSettings, at_least, check_kind_splits, finite, optional, positive_int
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,8 @@ class RunConfig(TrainSettings):
             raise ValueError(f"train_tokens ({self.train_tokens}) is below one batch ({self.batch_size})")
         if not self.widths:
             raise ValueError("no SAE width given")
-        for kind, n in kind_values(self.kind_splits).items():  # refused before any stage runs
-            if self.batch_size % n:
-                raise ValueError(f"--kind-split {kind}={n} does not divide the batch of {self.batch_size}")
+        # refused before any stage runs (the recipe, built at the train stage, checks it too)
+        check_kind_splits(self.kind_splits, self.batch_size, f"the batch of {self.batch_size}", "--kind-split")
 
     @property
     def n_steps(self) -> int:

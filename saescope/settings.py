@@ -122,6 +122,16 @@ def kind_values(items) -> dict[str, int]:
     return out
 
 
+def check_kind_splits(kind_splits, rows: int, what: str, name: str = "kind_splits") -> dict[str, int]:
+    """``kind_values(kind_splits)``, refusing a split that does not divide ``rows`` (``what``
+    names them in the message, ``name`` the setting)."""
+    splits = kind_values(kind_splits)
+    for kind, n in splits.items():
+        if rows % n:
+            raise ValueError(f"{name} {kind}={n} does not divide {what}")
+    return splits
+
+
 def optional(kind):
     """``kind``, or ``none`` for None."""
     return lambda text: None if text.strip().lower() == "none" else kind(text)
@@ -192,8 +202,8 @@ PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
 RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "dtype", "b_dec_init", "input_norm", "input_norm_power", "fisher_weight",
-                 "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
+RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "dtype", "b_dec_init", "input_norm", "input_norm_power",
+                 "fisher_weight", "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
                  "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient")
 
 

@@ -28,7 +28,7 @@ from argparse import ArgumentTypeError
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
-from saescope.settings import SITE_KINDS, kind_values
+from saescope.settings import SITE_KINDS, check_kind_splits, kind_values
 
 DTYPES = ("float32", "bfloat16")
 
@@ -137,12 +137,9 @@ class Recipe:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         object.__setattr__(self, "kind_splits", tuple(self.kind_splits))  # JSON reads back a list
         try:
-            splits = kind_values(self.kind_splits)
+            check_kind_splits(self.kind_splits, self.batch_size, f"the batch of {self.batch_size}", "kind_splits:")
         except ArgumentTypeError as err:  # the message names what is wrong
             raise ValueError(f"kind_splits: {err}") from None
-        for kind, n in splits.items():
-            if self.batch_size % n:
-                raise ValueError(f"kind_splits: {kind}={n} does not divide the batch of {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.scale_estimate_tokens < 1 or self.dead_window_tokens < 1:

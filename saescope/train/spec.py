@@ -12,7 +12,7 @@ from typing import Any
 
 from saescope.release.layout import width_label
 from saescope.sae.transcoder import TRANSCODER_ARCHITECTURES, transcoder_architecture
-from saescope.settings import PAIR_KINDS, kind_values
+from saescope.settings import PAIR_KINDS, check_kind_splits, kind_values
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
@@ -188,7 +188,5 @@ def check_recipe_fits(specs: Iterable[SAESpec], recipe, rows_per_step: int) -> N
     if recipe.max_frequency is not None and others:
         raise ValueError(f"the frequency penalty (max_frequency) acts on JumpReLU thresholds; "
                          f"{', '.join(others)} SAEs cannot take it")
-    for kind in sorted({s.site.kind for s in specs}):
-        if rows_per_step % recipe.splits_at(kind):
-            raise ValueError(f"kind_splits: {kind}={recipe.splits_at(kind)} does not divide the "
-                             f"{rows_per_step} rows of this process's batch")
+    check_kind_splits(recipe.kind_splits, rows_per_step, f"the {rows_per_step} rows of this process's batch",
+                      "kind_splits:")
