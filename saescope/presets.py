@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from saescope.settings import TrainSettings, at_least, check_kind_splits, finite, optional, positive_int
+from saescope.settings import (TrainSettings, at_least, check_kind_splits, finite, kind_values, optional,
+                               positive_int)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RunConfig(TrainSettings):
             raise ValueError("no SAE width given")
         # refused before any stage runs (the recipe, built at the train stage, checks it too)
         check_kind_splits(self.kind_splits, self.batch_size, f"the batch of {self.batch_size}", "--kind-split")
+        kind_values(self.kind_ks)
 
     @property
     def n_steps(self) -> int:

@@ -180,7 +180,17 @@ def add_flags(parser, cls, *, shown: Any = None, exclude: tuple[str, ...] = ()) 
             parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
             continue
         parse = f.metadata.get("parse") or _PARSERS[f.type]
-        parser.add_argument(name, dest=f.name, type=parse, choices=f.metadata.get("choices"), help=help_)
+        action = _Extend if f.type.startswith("tuple") else "store"
+        parser.add_argument(name, dest=f.name, type=parse, choices=f.metadata.get("choices"), help=help_,
+                            action=action)
+
+
+class _Extend(argparse.Action):
+    """A list flag given twice adds to its list (``--kind-k attn_z=85 --kind-k mlp_out=140``)
+    instead of argparse's silent last-one-wins."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, (getattr(namespace, self.dest, None) or ()) + tuple(values))
 
 
 def overrides(cls, args) -> dict[str, Any]:

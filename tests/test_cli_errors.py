@@ -127,6 +127,8 @@ CASES = [
      "prefixes are for Matryoshka architectures", None),
     ("input", "run --kind-split not dividing the batch", "run --out {tmp}/o --kind-split mlp_out=3", 1,
      "--kind-split mlp_out=3 does not divide the batch of 1024", None),
+    ("input", "run --kind-k one kind twice", "run --out {tmp}/o --kind-k mlp_out=100 --kind-k mlp_out=140", 1,
+     "site kind mlp_out given two values (100 and 140)", None),
     ("input", "train --kind-split not dividing the batch", T + " --kind-split resid_post=3 --out {tmp}/o", 1,
      "kind_splits: resid_post=3 does not divide the batch of 256", None),
     ("input", "train online without --tokens", "train --model {model} --out {tmp}/o", 1, "needs --tokens", None),
