@@ -85,6 +85,18 @@ def test_a_lost_pointer_resumes_from_the_newest_intact_checkpoint(killed_at_10, 
     assert not [r for r in log if r.get("event") == "input_scales" and r["step"] == 0][1:]  # one start only
 
 
+def test_a_resume_removes_what_a_kill_left_half_written(killed_at_10):
+    """A kill between a checkpoint's rename and its pointer's rename leaves ``.latest.json.tmp-N``
+    (and perhaps a checkpoint folder's temporary twin); the resume deletes both."""
+    source, reference, ckpt = killed_at_10
+    (ckpt / ".latest.json.tmp-5566").write_text('{"step": 12, "di')
+    (ckpt / ".step_000000012.tmp-5566").mkdir()
+    resumed = trainer(source, ckpt.parent)
+    resumed.fit()
+    assert not [p.name for p in ckpt.parent.rglob(".*") if ".tmp-" in p.name]
+    assert _same_weights(reference, resumed)
+
+
 def test_a_resume_on_other_data_is_refused_naming_it(killed_at_10):
     _, _, ckpt = killed_at_10
     other = InMemorySource(make_data(seed=1))

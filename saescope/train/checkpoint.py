@@ -217,11 +217,14 @@ class CheckpointDir:
         return state, tensors
 
     def remove_partial(self) -> None:
-        """Delete temporary folders left by a run killed while writing (the caller holds the run's
+        """Delete temporary folders and files left by a run killed while writing (the caller holds the run's
         lock, so no live process owns them)."""
         if self.root.exists():
-            for tmp in self.root.glob(".step_*.tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            for tmp in self.root.glob(".*.tmp-*"):  # a checkpoint folder or latest.json half written
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
 
     def _prune(self, keep_dir: Path) -> None:
         folders = sorted(p for p in self.root.glob("step_*") if p.is_dir())
