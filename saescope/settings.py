@@ -237,7 +237,7 @@ class TrainSettings:
     #: k sweep (topk, batchtopk): latents per token
     ks: tuple[int, ...] = field(default=(), metadata={"flag": "k", "parse": listing(positive_int)})
     #: k per site kind, in place of --k at that kind's sites (kinds differ in how many latents
-    #: a token needs), e.g. attn_z=85,mlp_out=120
+    #: a token needs), e.g. attn_z=85,mlp_out=120; in run, a preset's other kinds keep theirs
     kind_ks: tuple[str, ...] = field(default=(), metadata={"flag": "kind_k", "parse": listing(kind_value)})
     #: target L0s (jumprelu family): one SAE per target, trained with Gemma Scope 2's
     #: λ·(2/L*)·(L0 − L*)² (λ: the one --l0-coefficients value), e.g. 20,60,150
@@ -260,7 +260,7 @@ class TrainSettings:
     #: activations per training step
     batch_size: int = field(default=4_096, metadata={"parse": positive_int})
     #: Adam steps per batch at a site kind, e.g. mlp_out=2: its SAEs take each batch as 2 equal
-    #: parts (twice the steps on the same tokens, at about the same FLOPs)
+    #: parts (twice the steps on the same tokens, about the same FLOPs); =1 undoes a preset's
     kind_splits: tuple[str, ...] = field(default=(), metadata={"flag": "kind_split", "parse": listing(kind_value)})
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
     lr: float = field(default=7e-5, metadata={"parse": at_least(1e-12, finite)})

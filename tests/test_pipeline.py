@@ -9,7 +9,7 @@ import pytest
 from saescope.pipeline import RunState
 from saescope.release.metrics import choose_canonical
 from saescope.presets import PRESETS, RunConfig, get_preset
-from saescope.settings import SITE_KINDS
+from saescope.settings import SITE_KINDS, check_kind_splits
 from saescope.sites import Site
 from saescope.train.spec import sweep
 
@@ -25,7 +25,9 @@ def test_presets_are_valid_and_named():
         assert {s.site.kind for s in specs} == set(SITE_KINDS), name
     assert {s.site.kind: s.k for s in sweep([Site(3, kind) for kind in SITE_KINDS], (2048,), architecture="batchtopk",
                                               ks=(100,), kind_ks=PRESETS["default"].kind_ks)} == \
-        {"resid_post": 100, "attn_z": 85, "mlp_out": 120}
+        {"resid_post": 100, "attn_z": 85, "mlp_out": 140}
+    assert check_kind_splits(PRESETS["default"].kind_splits, PRESETS["default"].batch_size, "batch") == \
+        {"mlp_out": 2, "resid_post": 2}
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")
     with pytest.raises(ValueError, match="unknown run setting"):

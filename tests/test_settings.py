@@ -45,3 +45,17 @@ def test_run_kind_k_twice_keeps_both_and_a_kind_given_twice_is_refused():
     args = build_parser().parse_args(["run", "--out", "x", "--kind-k", "mlp_out=100", "--kind-k", "mlp_out=140"])
     with pytest.raises(ValueError, match="site kind mlp_out given two values"):
         kind_values(args.kind_ks)
+
+
+def test_run_per_kind_flags_change_only_the_kinds_they_name():
+    from saescope.presets import get_preset
+
+    preset = get_preset("default")
+    assert dict(i.split("=") for i in preset.kind_splits) == {"mlp_out": "2", "resid_post": "2"}
+    cfg = preset.overridden(kind_splits=("mlp_out=4",), kind_ks=("resid_post=90",))
+    assert sorted(cfg.kind_splits) == ["mlp_out=4", "resid_post=2"]
+    assert sorted(cfg.kind_ks) == sorted([*preset.kind_ks, "resid_post=90"])
+    assert preset.overridden(kind_splits=("resid_post=1",)).kind_splits == ("mlp_out=2", "resid_post=1")
+    assert preset.overridden(seed=3).kind_splits == preset.kind_splits  # other settings: plain replace
+    with pytest.raises(ValueError, match="site kind mlp_out given two values"):
+        preset.overridden(kind_ks=("mlp_out=100", "mlp_out=150"))

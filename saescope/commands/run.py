@@ -31,7 +31,7 @@ def main(args) -> int:
 
     from saescope.outputs import writable_folder
 
-    cfg = get_preset(args.preset).replace(**overrides(RunConfig, args))
+    cfg = get_preset(args.preset).overridden(**overrides(RunConfig, args))
     writable_folder(args.out)
     run(cfg, args.out, progress=not args.no_progress)
     return 0
