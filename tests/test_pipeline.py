@@ -69,12 +69,13 @@ def _finite_numbers(obj, path=""):
 
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
-    """The quick preset on the real Gemma 3 270M, restricted to the last two layers' six sites to
-    keep CI short; every artefact exists, every number is finite, a rerun changes nothing."""
+    """The quick preset on the real Gemma 3 270M, restricted to the first two layers' six sites to
+    keep CI short (training's forward stops there: 116 s against 163 s for the last two layers);
+    every artefact exists, every number is finite, a rerun changes nothing."""
     from saescope.cli import main
 
     out = tmp_path / "run"
-    argv = ["run", "--preset", "quick", "--sites", "all@16-17", "--out", str(out), "--no-progress"]
+    argv = ["run", "--preset", "quick", "--sites", "all@0-1", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
 
     run = json.loads((out / "run.json").read_text())
