@@ -154,8 +154,8 @@ PRESETS: dict[str, RunConfig] = {
         # (7 sites above 150), resid_post 1.10-1.29, mlp_out 0.86-1.22; and mlp_out gains most
         # from a larger k (layer 13: CE recovered 0.80 -> 0.85 at k 100 -> 150)
         # mlp_out 120 -> 140 and two Adam steps per batch for mlp_out and resid_post: runs/d10 -> d11
-        # (CE recovered min / median at mlp_out 0.84 / 0.92 -> 0.86 / 0.94; +7 min of training;
-        # docs/fidelity.md "More Adam steps on the same tokens")
+        # (CE recovered min / median at mlp_out 0.84 / 0.92 -> 0.86 / 0.94; the split costs
+        # 1-2 min; docs/fidelity.md "More Adam steps on the same tokens")
         kind_ks=("attn_z=85", "mlp_out=140"),
         kind_splits=("mlp_out=2", "resid_post=2"),
         train_tokens=196_608,

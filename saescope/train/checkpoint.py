@@ -217,8 +217,8 @@ class CheckpointDir:
         return state, tensors
 
     def remove_partial(self) -> None:
-        """Delete temporary folders and files left by a run killed while writing (the caller holds the run's
-        lock, so no live process owns them)."""
+        """Delete temporary folders and files left by a run killed while writing (the caller
+        holds the run's lock, so no live process owns them)."""
         if self.root.exists():
             for tmp in self.root.glob(".*.tmp-*"):  # a checkpoint folder or latest.json half written
                 if tmp.is_dir():
