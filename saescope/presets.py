@@ -81,9 +81,8 @@ class RunConfig(TrainSettings):
         ``--kind-split``) changes the kinds it names and keeps the preset's other kinds."""
         for name in ("kind_ks", "kind_splits"):
             if name in changes:
-                given = kind_values(changes[name])
-                kept = tuple(item for item in getattr(self, name) if item.partition("=")[0] not in given)
-                changes[name] = kept + tuple(changes[name])
+                merged = {**kind_values(getattr(self, name)), **kind_values(changes[name])}
+                changes[name] = tuple(f"{kind}={n}" for kind, n in merged.items())
         return self.replace(**changes)
 
 
