@@ -360,9 +360,10 @@ def test_real_gemma_3_270m_prefix_cache_and_identity():
     assert result["ce_zero_ablation"] > result["ce_clean"] + 1.0  # deleting the residual stream hurts
 
 
-def test_bfloat16_forwards_agree_with_float32(tiny_model):
+def test_bfloat16_forwards_agree_with_float32(tiny_model, monkeypatch):
     """bf16 autocast for the model's forwards (SAEs stay fp32): the same metrics within bf16's
     precision, reconstruction on the recon-only sequences unchanged."""
+    monkeypatch.setenv("SAESCOPE_CPU_BF16", "1")  # bf16 even on a CPU without bf16 units
     model = tiny_model("gemma3")
     corpus = fake_corpus()
     saes = {str(s): (s, random_sae(site_width(model, s), seed=i))

@@ -315,7 +315,8 @@ def test_bad_inputs_are_named(tmp_path):
     assert trainer(source, tmp_path, specs=SPECS[:1], n_steps=None, total_tokens=1000).n_steps == math.ceil(1000 / 32)
 
 
-def test_bfloat16_autocast_keeps_fp32_weights(tmp_path):
+def test_bfloat16_autocast_keeps_fp32_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAESCOPE_CPU_BF16", "1")  # bf16 even on a CPU without bf16 units
     source = InMemorySource(make_data())
     run = trainer(source, tmp_path, n_steps=3, recipe=RECIPE.replace(dtype="bfloat16"))
     run.fit()

@@ -45,6 +45,7 @@ from saescope.evaluate.batch import Accumulators, Batch, ZeroHook, position_bins
 from saescope.forward import matmul_weights_in, vocab_size
 from saescope.evaluate.lm_scores import head_is_linear
 from saescope.jsonio import read_json, write_json
+from saescope.precision import autocast_dtype
 from saescope.evaluate.splice import SpliceHook
 from saescope.sae.base import SAE
 from saescope.sites import Site, check_sae_fits
@@ -137,7 +138,7 @@ def evaluate(model: nn.Module, corpus: TokenizedCorpus, saes: Mapping[str, tuple
     seq_len = corpus.input_ids.shape[1]
     n_vocab = vocab_size(model)
     widest = max(sae.cfg.d_sae for _, sae in saes.values())
-    autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    autocast = autocast_dtype(cfg.dtype, device)
     batch_seqs = cfg.sequences_per_batch(seq_len, n_vocab, widest,
                                          keeps_log_probs=not head_is_linear(model) or autocast is not None)
     chunk = cfg.chunk_tokens(n_vocab)

@@ -25,11 +25,10 @@ changes), and Gemma's final logit soft-capping (monotonic) is ignored.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from saescope.precision import bf16_runs_natively
 from saescope.sites import Site, adapter_for
 
 
@@ -143,13 +142,8 @@ def logit_effects(
 
 
 def fast_shortlist_dtype(device: torch.device | str) -> torch.dtype | None:
-    """bfloat16 on CPUs with bf16 matrix units (AVX512-BF16 or AMX, read from /proc/cpuinfo:
-    there it multiplies several times faster than float32), else None (plain float32; on CUDA
-    float32 is fast enough).  A flag, not a timing, so the choice does not depend on machine load."""
+    """bfloat16 on CPUs with bf16 matrix units (there it multiplies several times faster than
+    float32; :mod:`saescope.precision`), else None (plain float32; on CUDA float32 is fast enough)."""
     if torch.device(device).type != "cpu":
         return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return None
-    return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
+    return torch.bfloat16 if bf16_runs_natively(device) else None

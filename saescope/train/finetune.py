@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from saescope.forward import clean_forward, replay_prefix
+from saescope.precision import autocast_dtype
 from saescope.sae.input_norm import InputNorm
 from saescope.sae.jumprelu import JumpReLUSAE
 from saescope.sites import Site, capture, hook_site, site_width
@@ -207,7 +208,8 @@ class KLFinetune:
         self.alpha: float | None = None
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=autocast_dtype(self.cfg.dtype, self.device) is not None)
 
     def backward(self, batch: np.ndarray) -> dict[str, float]:
         """Accumulate into the SAE's ``.grad`` the gradient of this batch's loss; return its terms."""

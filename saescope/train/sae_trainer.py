@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from saescope.precision import autocast_dtype
 from saescope.sae.base import SAE
 from saescope.sae.input_norm import InputNorm
 from saescope.sites import Site
@@ -113,6 +114,8 @@ class SAETrainer:
         self.released_l0: float | None = None
 
         self.device = next(sae.parameters()).device
+        #: bf16 autocast only where bf16 runs natively (saescope.precision)
+        self.autocast = autocast_dtype(recipe.dtype, self.device) is not None
         self.optimizer = torch.optim.Adam(
             sae.parameters(), lr=recipe.lr, betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
             fused=True,  # one kernel per step: ~4x faster than the default on CPU, and on CUDA
@@ -156,7 +159,7 @@ class SAETrainer:
         if step == 0 and self.quantile_init:
             sae.init_threshold_at_l0_(x_BD, self.target_l0, recipe.threshold_min)
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=recipe.dtype == "bfloat16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = sae.loss(x_BD, coefficient, **target)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
