@@ -214,7 +214,7 @@ RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
 RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "dtype", "b_dec_init", "input_norm", "input_norm_power",
                  "fisher_weight", "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
-                 "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient")
+                 "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient", "refit_tokens")
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,9 @@ class TrainSettings:
                                           metadata={"parse": listing(site_kind)})
     #: cosine lr decay to 0 over this final fraction of the run (0: none, the paper)
     lr_decay_fraction: float = field(default=0.0, metadata={"parse": at_least(0, finite, high=1)})
+    #: after training, refit each SAE's decoder by least squares to its own codes on this many
+    #: tokens from the run's start (jumprelu, batchtopk; 0: off, the paper)
+    refit_tokens: int = field(default=0, metadata={"parse": at_least(0)})
     #: Adam β1 (the paper: 0)
     adam_beta1: float = field(default=0.0, metadata={"parse": at_least(0, finite, high=1, below=True)})
     #: initialisation, data-order and corpus-split seed

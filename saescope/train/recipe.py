@@ -115,6 +115,10 @@ class Recipe:
     #: short CPU run is not, and Gemma's activations have a large mean (a few outlier
     #: dimensions), so an SAE starting at zero spends its short run learning it.
     b_dec_init: str = "zeros"
+    #: after the last step, refit each SAE's decoder (W_dec, b_dec) by least squares to its own
+    #: codes on this many tokens from the start of the run, keeping every latent's firing
+    #: (saescope.train.refit; JumpReLU and BatchTopK SAEs; transcoders keep theirs).  0: off, the paper
+    refit_tokens: int = 0
 
     # --- bookkeeping ---
     #: a latent is "dead" if it has not fired in this many tokens (or in the whole run so far,
@@ -153,6 +157,8 @@ class Recipe:
             raise ValueError(f"fisher_kinds must be among {', '.join(SITE_KINDS)}, got {', '.join(self.fisher_kinds)}")
         if self.fisher_tokens < 1:
             raise ValueError(f"fisher_tokens must be >= 1, got {self.fisher_tokens}")
+        if self.refit_tokens < 0:
+            raise ValueError(f"refit_tokens must be >= 0, got {self.refit_tokens}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.threshold_init <= 0 or self.bandwidth <= 0 or self.threshold_min <= 0:

@@ -112,6 +112,8 @@ class SAETrainer:
         self.error: str | None = None  # set when the SAE stopped (NaN/Inf)
         #: L0 of the final weights' inference code on the last batch (the released SAE's L0)
         self.released_l0: float | None = None
+        #: the decoder refit's figures, once it ran (saescope.train.refit)
+        self.refit: dict[str, float] | None = None
 
         self.device = next(sae.parameters()).device
         #: bf16 autocast only where bf16 runs natively (saescope.precision)
@@ -132,6 +134,11 @@ class SAETrainer:
 
     # --- one step ----------------------------------------------------------------------------
 
+    def training_input(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Raw activations in the units this SAE trains on (its input map applied)."""
+        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        return self.input_norm.apply(x_BD) if self.input_norm is not None else x_BD / self.input_scale
+
     def update(self, step: int, x_BD: torch.Tensor, y_BD: torch.Tensor | None = None, *,
                return_metrics: bool = True) -> dict[str, float] | None:
         """One optimiser step on raw activations ``x_BD`` (a transcoder: predicting raw ``y_BD``).
@@ -143,7 +150,7 @@ class SAETrainer:
         if (y_BD is None) == bool(getattr(sae, "is_transcoder", False)):
             raise ValueError(f"{self.name}: a transcoder trains on (x, y) pairs, an SAE on x alone")
         x_BD = raw_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
-        x_BD = self.input_norm.apply(x_BD) if self.input_norm is not None else x_BD / self.input_scale
+        x_BD = self.training_input(x_BD)
         target = {}
         if y_BD is not None:
             y_BD = raw_BD = y_BD.to(self.device, torch.float32, non_blocking=True)

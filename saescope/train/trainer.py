@@ -42,6 +42,7 @@ from saescope.train.checkpoint import CheckpointDir
 from saescope.train.norms import estimate_input_norms, estimate_input_scales  # noqa: F401 (re-exported)
 from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
+from saescope.train.refit import REFIT_RIDGE, RefitStats, check_refittable, refit_decoder_
 from saescope.train.run_log import NullLog, RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
 from saescope.train.spec import SAESpec, check_recipe_fits
@@ -177,6 +178,8 @@ class Trainer:
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
         self.rows_per_step = self.plan.rows_per_step(self.recipe.batch_size)
         check_recipe_fits(specs, self.recipe, self.rows_per_step)
+        if self.recipe.refit_tokens:
+            check_refittable(specs, self.plan)
         self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
         self.data = data_identity(source)  # of the whole data, before this rank's slice is taken
         self.source = self.plan.local_source(source)
@@ -332,11 +335,14 @@ class Trainer:
                     if t.error is not None:
                         log.write({"step": 0, "event": "error", "sae": t.name, "site": str(t.site), "error": t.error})
             self._train(start, ckpt, log)
+            if self.recipe.refit_tokens:
+                self._refit(log)
         finally:
             log.close()
         self.plan.finish(self.trainers)
         return [
-            TrainedSAE(spec, t.sae, self.scales[io_sites(spec.site)[0]], t.final_metrics() if t.error is None else None,
+            TrainedSAE(spec, t.sae, self.scales[io_sites(spec.site)[0]],
+                       {**t.final_metrics(), **(t.refit or {})} if t.error is None else None,
                        t.tokens_seen, t.error, self._norms_of(spec)[io_sites(spec.site)[0]], t.released_l0,
                        self._norms_of(spec)[io_sites(spec.site)[1]] if t.sae.is_transcoder else None)
             for spec, t in zip(self.specs, self.trainers)
@@ -391,6 +397,25 @@ class Trainer:
                         self.save_checkpoint(done, ckpt)
         finally:
             bar.close()
+
+    def _refit(self, log: RunLog) -> None:
+        """``Recipe.refit_tokens``: each SAE's decoder refit to its own codes on the run's first
+        batches (read again from the source), after the last checkpoint: a resumed run redoes it."""
+        todo = [t for t in self.trainers if t.error is None and not t.sae.is_transcoder]
+        if not todo:
+            return
+        B = self.recipe.batch_size
+        n_batches = min(self.n_steps, max(1, math.ceil(self.recipe.refit_tokens / B)))
+        stats = {t.name: RefitStats(t.sae.cfg.d_sae, t.sae.cfg.d_in) for t in todo}
+        batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=0)
+        for _ in tqdm(range(n_batches), desc=f"refitting {len(todo)} decoders", unit="batch",
+                      disable=not (self.options.progress and self.plan.writes)):
+            batch = next(batches)
+            for t in todo:
+                stats[t.name].add(t.sae, t.training_input(batch[t.site]))
+        for t in todo:
+            t.refit = refit_decoder_(t.sae, stats[t.name], REFIT_RIDGE)
+            log.write({"step": self.n_steps, "event": "refit", "sae": t.name, "site": str(t.site), **t.refit})
 
     def save_checkpoint(self, step: int, ckpt: CheckpointDir) -> Path:
         state = {
