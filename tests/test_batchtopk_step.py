@@ -83,3 +83,34 @@ def test_shape_mismatch_is_one_line():
     sae = _pair()
     with pytest.raises(ValueError, match=r"expected a batch of shape \(B, 24\)"):
         batchtopk_step(torch.randn(8, 23), sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, 5)
+
+
+@pytest.mark.parametrize("B,k,centre", [(64, 5, True), (700, 3, True), (300, 7, False)])
+def test_sparse_step_matches_the_dense_one(B, k, centre):
+    """The CPU float32 default (a sparse code) and the dense products give one step."""
+    sae = _pair(k=k)
+    x = torch.randn(B, 24) * 2
+    params = [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]
+    results = []
+    for sparse in (False, True):
+        for p in params:
+            p.grad = None
+        x_hat, fired, cut = batchtopk_step(x, *params, k, centre_input=centre, sparse=sparse)
+        (x_hat - x).square().sum(-1).mean().backward()
+        results.append((x_hat.detach(), fired, cut, [p.grad.clone() for p in params]))
+    (d_hat, d_fired, d_cut, d_grads), (s_hat, s_fired, s_cut, s_grads) = results
+    torch.testing.assert_close(s_hat, d_hat, rtol=1e-5, atol=1e-5)
+    assert torch.equal(s_fired, d_fired) and torch.equal(s_cut, d_cut)
+    for name, a, b in zip(("W_enc", "W_dec", "b_enc", "b_dec"), s_grads, d_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_step_with_nothing_kept():
+    sae = _pair(k=4)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)  # no positive pre-activation: nothing fires
+    x_hat, fired, _ = batchtopk_step(torch.randn(16, 24), sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, 4, sparse=True)
+    x_hat.sum().backward()
+    assert int(fired.sum()) == 0
+    torch.testing.assert_close(x_hat.detach(), sae.b_dec.detach().expand(16, -1))
+    assert torch.count_nonzero(sae.W_enc.grad) == 0 and torch.count_nonzero(sae.W_dec.grad) == 0

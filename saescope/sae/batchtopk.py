@@ -23,6 +23,8 @@ class BatchTopKSAE(TopKSAE):
     latents_rescalable = True  # released as a JumpReLU: per-latent thresholds
     #: train with the fused step when no latent is dead (False: always plain autograd)
     use_fused_step = True
+    #: the fused step's sparse code (None: on a CPU in float32; saescope.sae.batchtopk_step)
+    sparse_step: bool | None = None
     #: the running mean becomes an exponential average over about this many batches
     threshold_window = 1000
 
@@ -77,7 +79,7 @@ class BatchTopKSAE(TopKSAE):
 
     def _fused_loss(self, x_BD: torch.Tensor) -> LossOutput:
         x_hat_BD, fired_F, cut = batchtopk_step(x_BD, self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.cfg.k,
-                                                centre_input=self.cfg.centre_input)
+                                                centre_input=self.cfg.centre_input, sparse=self.sparse_step)
         mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
         if self.training:
             self._update_threshold_from_(cut)
