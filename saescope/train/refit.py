@@ -16,6 +16,8 @@ that a centring encoder subtracts, and each latent is then rescaled to a unit-no
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from saescope.sae.base import SAE
@@ -28,8 +30,10 @@ REFITTABLE = ("jumprelu", "batchtopk")
 REFIT_RIDGE = 1e-3
 
 
-def check_refittable(specs, plan) -> None:
-    """Refuse, before any step, a refit the run cannot do."""
+def check_refittable(specs, recipe, plan) -> None:
+    """Refuse, before any step, a refit the run cannot do (nothing to check without one)."""
+    if not recipe.refit_tokens:
+        return
     if plan.rows_divisor != 1 or plan.reduce_grads is not None or plan.build_sae is not None:
         raise ValueError("refit_tokens refits whole SAEs on whole batches: train in one process or with "
                          "--parallel site, or set --refit-tokens 0")
@@ -94,3 +98,27 @@ def refit_decoder_(sae: SAE, stats: RefitStats, ridge: float) -> dict[str, float
     sae.b_dec.copy_(b_D)
     rescale_latents_(sae, None)  # unit-norm rows again; W_enc, b_enc and θ take the factor
     return {"refit_mse_before": before, "refit_mse_after": after, "refit_tokens": stats.n_tokens}
+
+
+def refit_trainers(trainers, source, recipe, seed: int, log, progress: bool = False) -> None:
+    """``Recipe.refit_tokens`` (0: nothing): every live SAE trainer's decoder refit to its own
+    codes on the run's first batches, read again from ``source`` (its figures go to
+    ``trainer.refit``, which :meth:`SAETrainer.final_metrics` reports, and to the log)."""
+    from tqdm.auto import tqdm
+
+    todo = [t for t in trainers if t.error is None and not t.sae.is_transcoder]
+    if not recipe.refit_tokens or not todo:
+        return
+    B = recipe.batch_size
+    n_batches = max(1, math.ceil(recipe.refit_tokens / B))
+    stats = {t.name: RefitStats(t.sae.cfg.d_sae, t.sae.cfg.d_in) for t in todo}
+    batches = source.iter_batches(B, seed=seed, skip_batches=0)
+    for _ in tqdm(range(n_batches), desc=f"refitting {len(todo)} decoders", unit="batch", disable=not progress):
+        batch = next(batches, None)
+        if batch is None:  # a source shorter than refit_tokens: refit on all of it
+            break
+        for t in todo:
+            stats[t.name].add(t.sae, t.training_input(batch[t.site]))
+    for t in todo:
+        t.refit = refit_decoder_(t.sae, stats[t.name], REFIT_RIDGE)
+        log.write({"step": t.n_steps, "event": "refit", "sae": t.name, "site": str(t.site), **t.refit})

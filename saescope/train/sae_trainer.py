@@ -289,7 +289,7 @@ class SAETrainer:
         if hi <= self.n_steps - self.final_steps and float(self.response_sums[0]) > 0:
             metrics["l0_after_warmup"] = float(self.response_sums[3] / self.response_sums[0])
             metrics["l0_after_warmup_steps"] = [lo, hi]
-        return metrics
+        return {**metrics, **(self.refit or {})}
 
     # --- checkpoint state --------------------------------------------------------------------
 

@@ -10,14 +10,13 @@
    the same order, and ends with bit-identical weights;
 4. an SAE whose batch, loss or gradients go NaN/Inf stops with an error naming its site, step
    and cause (logged, and in the results); the others go on;
-5. returns what it trained (:class:`TrainedSAE`: the SAE, its C, final metrics, tokens seen, or
-   its error).  Writing release folders is the release step's job
-   (:func:`saescope.train.run.train_and_release`).
+5. refits the decoders if the recipe asks (:mod:`saescope.train.refit`), and returns what it
+   trained (:class:`TrainedSAE`: the SAE, its C, final metrics, tokens seen, or its error).
+   Writing release folders is the release step's job (:func:`saescope.train.run.train_and_release`).
 
 Which batches it reads is spelled out once, in :func:`planned_reads`, so a process that only
 serves data to the trainers of other ranks can ask instead of mirroring.  Parallelism enters only
-through the :class:`~saescope.train.plan.TrainPlan` it is given; knobs that change no result
-through :class:`TrainOptions`.
+through the :class:`~saescope.train.plan.TrainPlan`; knobs that change no result through :class:`TrainOptions`.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from saescope.train.checkpoint import CheckpointDir
 from saescope.train.norms import estimate_input_norms, estimate_input_scales  # noqa: F401 (re-exported)
 from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
-from saescope.train.refit import REFIT_RIDGE, RefitStats, check_refittable, refit_decoder_
+from saescope.train.refit import check_refittable, refit_trainers
 from saescope.train.run_log import NullLog, RunLog, check_loggers
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
 from saescope.train.spec import SAESpec, check_recipe_fits
@@ -136,8 +135,7 @@ class Trainer:
         recipe: Recipe | None,
         out_dir: str | Path,
         *,
-        n_steps: int | None = None,
-        total_tokens: int | None = None,
+        n_steps: int | None = None, total_tokens: int | None = None,
         data_seed: int = 0,
         model_name: str | None = None,
         final_steps: int = 100,
@@ -178,8 +176,7 @@ class Trainer:
         #: rows of each batch this process trains on (data parallelism: its share of the batch)
         self.rows_per_step = self.plan.rows_per_step(self.recipe.batch_size)
         check_recipe_fits(specs, self.recipe, self.rows_per_step)
-        if self.recipe.refit_tokens:
-            check_refittable(specs, self.plan)
+        check_refittable(specs, self.recipe, self.plan)
         self.model_name = model_name if model_name is not None else getattr(source, "model_name", None)
         self.data = data_identity(source)  # of the whole data, before this rank's slice is taken
         self.source = self.plan.local_source(source)
@@ -335,14 +332,13 @@ class Trainer:
                     if t.error is not None:
                         log.write({"step": 0, "event": "error", "sae": t.name, "site": str(t.site), "error": t.error})
             self._train(start, ckpt, log)
-            if self.recipe.refit_tokens:
-                self._refit(log)
+            refit_trainers(self.trainers, self.source, self.recipe, self.data_seed, log, self.plan.writes
+                           and self.options.progress)  # after the last checkpoint: a relaunch redoes it
         finally:
             log.close()
         self.plan.finish(self.trainers)
         return [
-            TrainedSAE(spec, t.sae, self.scales[io_sites(spec.site)[0]],
-                       {**t.final_metrics(), **(t.refit or {})} if t.error is None else None,
+            TrainedSAE(spec, t.sae, self.scales[io_sites(spec.site)[0]], t.final_metrics() if t.error is None else None,
                        t.tokens_seen, t.error, self._norms_of(spec)[io_sites(spec.site)[0]], t.released_l0,
                        self._norms_of(spec)[io_sites(spec.site)[1]] if t.sae.is_transcoder else None)
             for spec, t in zip(self.specs, self.trainers)
@@ -397,25 +393,6 @@ class Trainer:
                         self.save_checkpoint(done, ckpt)
         finally:
             bar.close()
-
-    def _refit(self, log: RunLog) -> None:
-        """``Recipe.refit_tokens``: each SAE's decoder refit to its own codes on the run's first
-        batches (read again from the source), after the last checkpoint: a resumed run redoes it."""
-        todo = [t for t in self.trainers if t.error is None and not t.sae.is_transcoder]
-        if not todo:
-            return
-        B = self.recipe.batch_size
-        n_batches = min(self.n_steps, max(1, math.ceil(self.recipe.refit_tokens / B)))
-        stats = {t.name: RefitStats(t.sae.cfg.d_sae, t.sae.cfg.d_in) for t in todo}
-        batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=0)
-        for _ in tqdm(range(n_batches), desc=f"refitting {len(todo)} decoders", unit="batch",
-                      disable=not (self.options.progress and self.plan.writes)):
-            batch = next(batches)
-            for t in todo:
-                stats[t.name].add(t.sae, t.training_input(batch[t.site]))
-        for t in todo:
-            t.refit = refit_decoder_(t.sae, stats[t.name], REFIT_RIDGE)
-            log.write({"step": self.n_steps, "event": "refit", "sae": t.name, "site": str(t.site), **t.refit})
 
     def save_checkpoint(self, step: int, ckpt: CheckpointDir) -> Path:
         state = {
