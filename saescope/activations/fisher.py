@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from saescope.activations.capture import check_corpus, model_device
-from saescope.precision import bf16_runs_natively
+from saescope.precision import autocast_dtype
 from saescope.sites import Site, hook_site, site_width
 from saescope.tokens import TokenizedCorpus
 
@@ -60,8 +60,8 @@ def site_fisher(
     n_seqs = int(np.searchsorted(np.cumsum(kept_per_seq), n_tokens) + 1)
     n_seqs = min(n_seqs, len(corpus))
     generator = torch.Generator(device=device).manual_seed(seed)
-    if dtype == torch.bfloat16 and not bf16_runs_natively(device):
-        dtype = None  # saescope.precision: bf16 without bf16 units is ~100x slower
+    if dtype == torch.bfloat16:  # float32 on a CPU without bf16 units (saescope.precision)
+        dtype = autocast_dtype("bfloat16", device)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

@@ -332,8 +332,8 @@ class Trainer:
                     if t.error is not None:
                         log.write({"step": 0, "event": "error", "sae": t.name, "site": str(t.site), "error": t.error})
             self._train(start, ckpt, log)
-            refit_trainers(self.trainers, self.source, self.recipe, self.data_seed, log, self.plan.writes
-                           and self.options.progress)  # after the last checkpoint: a relaunch redoes it
+            progress = self.options.progress and self.plan.writes  # the refit: after the last checkpoint
+            refit_trainers(self.trainers, self.source, self.recipe, self.data_seed, log, progress)
         finally:
             log.close()
         self.plan.finish(self.trainers)
