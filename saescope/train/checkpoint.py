@@ -58,16 +58,23 @@ class CheckpointDir:
 
     # --- run identity ------------------------------------------------------------------------
 
-    def check_or_write_run(self, run: dict[str, Any]) -> None:
-        """Record ``run`` on first launch; on a relaunch, refuse any difference, naming it."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def check_or_write_run(self, run: dict[str, Any], *, owner: bool = True) -> None:
+        """Record ``run`` on first launch; on a relaunch, refuse any difference, naming it.
+
+        ``owner``: this process writes the folder (it holds the run's lock): it records ``run``
+        and deletes what a killed run left half written.  The other ranks of a data-parallel run
+        only compare: were they to clean up too, they would delete rank 0's files in flight."""
         path = self.root / "run.json"
+        if owner:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.remove_partial()
         try:
             previous = read_json(path)
         except ValueError as err:
             raise IntegrityError(f"{err}; delete {self.root} to start this training run over") from None
         if previous is None:
-            write_json(path, run, indent=1, sort_keys=True)
+            if owner:
+                write_json(path, run, indent=1, sort_keys=True)
             return
         differences = describe_differences(previous, json.loads(dumps(run)))
         if differences:

@@ -298,8 +298,7 @@ class Trainer:
 
     def _fit(self) -> list[TrainedSAE]:
         ckpt = CheckpointDir(self.out_dir / "checkpoints", keep=self.options.keep_checkpoints)
-        ckpt.check_or_write_run(self.run_identity())
-        ckpt.remove_partial()
+        ckpt.check_or_write_run(self.run_identity(), owner=self.plan.checkpoints)
         latest = ckpt.latest()
         start = 0
         if latest is not None:
