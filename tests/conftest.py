@@ -8,7 +8,20 @@ before and after Gemma's post-feed-forward norm) then fails instead of passing b
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Under ``pytest -n N`` (the README's command) each worker computes on one thread, and so do
+    the commands its tests launch: N workers of two threads each on N cores would wait on each
+    other (OpenMP threads spin), where one each keeps every core busy."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 #: every architecture family saescope supports, one tiny config each
 TINY_ARCHS: tuple[str, ...] = (
