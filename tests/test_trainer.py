@@ -165,6 +165,60 @@ def test_fvu_is_about_the_batch_mean_and_dead_latents_are_counted():
     assert "tokens_since_fired_F" not in t.state_tensors() and "sae.tokens_since_fired_F" in t.state_tensors()
 
 
+def _fisher_like_norm(x_ND: torch.Tensor, seed: int = 0):
+    """A full (non-diagonal) input map, as the Fisher map is: its metric a random SPD matrix."""
+    from saescope.sae.input_norm import InputNorm
+
+    g = torch.Generator().manual_seed(seed)
+    D = x_ND.shape[1]
+    A_DD = torch.randn(D, D, generator=g)
+    x64 = x_ND.double()
+    return InputNorm.from_fisher(len(x_ND), x64.sum(0), x64.square().sum(0), torch.cov(x64.T),
+                                 A_DD @ A_DD.T / D + torch.eye(D), power=0.5, weight=0.5)
+
+
+@pytest.mark.parametrize("B", [64, 1024])
+def test_training_fvu_under_a_full_map_is_measured_on_evenly_spaced_rows(B):
+    """A full map's FVU is taken in raw units on ~METRIC_ROWS evenly spaced rows (all of a small
+    batch): the figure equals the one computed by hand on those rows, and mse_raw divides by them."""
+    from saescope.train.sae_trainer import METRIC_ROWS
+
+    x = torch.randn(B, 16, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.5, 3, 16) + 1
+    norm = _fisher_like_norm(x)
+    t = sae_trainer(input_norm=norm)
+    state = {n: p.detach().clone() for n, p in t.sae.named_parameters()}
+    metrics = t.update(0, x)
+    # the same step's reconstruction, by hand, from the weights before the step
+    with torch.no_grad():
+        for n, p in t.sae.named_parameters():
+            p.copy_(state[n])
+        x_n = norm.apply(x)
+        if RECIPE.b_dec_init == "mean":
+            t.sae.b_dec.copy_(x_n.mean(0))
+        err = norm.to_raw(x_n - t.sae(x_n))
+    stride = max(1, B // METRIC_ROWS)
+    rows = slice(None, None, stride)
+    dev = x - x.mean(0)
+    assert (B > METRIC_ROWS) == (stride > 1)
+    assert metrics["fvu"] == pytest.approx(float(err[rows].square().sum() / dev[rows].square().sum()), rel=1e-4)
+    assert metrics["mse_raw"] == pytest.approx(float(err[rows].square().sum(1).mean()), rel=1e-4)
+
+
+def test_the_finiteness_probe_is_exact():
+    """A gradient whose float32 sum overflows is still finite (no error); a NaN in one is named."""
+    t = sae_trainer()
+    x = make_data()[RESID][:32]
+    t.update(0, x)
+    total = torch.tensor(1.0)
+    for p in t.sae.parameters():
+        p.grad = torch.zeros_like(p)
+    t.sae.W_enc.grad.fill_(3e38)  # every element finite, their sum not
+    t._check_finite(1, (x,), total)
+    t.sae.W_dec.grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite gradient in W_dec"):
+        t._check_finite(1, (x,), total)
+
+
 def test_non_finite_batch_stops_the_sae_without_touching_weights():
     t = sae_trainer()
     x = make_data()[RESID][:32].clone()
