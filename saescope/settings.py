@@ -212,7 +212,7 @@ PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
 RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "dtype", "b_dec_init", "input_norm", "input_norm_power",
+RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "kind_epochs", "dtype", "b_dec_init", "input_norm", "input_norm_power",
                  "fisher_weight", "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
                  "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient", "refit_tokens")
 
@@ -262,6 +262,9 @@ class TrainSettings:
     #: Adam steps per batch at a site kind, e.g. mlp_out=2: its SAEs take each batch as 2 equal
     #: parts (twice the steps on the same tokens, about the same FLOPs); =1 undoes a preset's
     kind_splits: tuple[str, ...] = field(default=(), metadata={"flag": "kind_split", "parse": listing(kind_value)})
+    #: passes over the training tokens at a site kind, e.g. mlp_out=2: its SAEs go on through a
+    #: second, reshuffled epoch while the other kinds stop after the first; =1 undoes a preset's
+    kind_epochs: tuple[str, ...] = field(default=(), metadata={"flag": "kind_epochs", "parse": listing(kind_value)})
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
     lr: float = field(default=7e-5, metadata={"parse": at_least(1e-12, finite)})
     #: training precision: float32 (the paper) or bfloat16 autocast with fp32 weights

@@ -80,6 +80,8 @@ CASES = [
     ("usage", "train --widths 4k,lots", "train --widths 4k,lots", 2, "--widths", None),
     ("usage", "run --kind-k attn=80", "run --kind-k attn=80", 2, "--kind-k: in 'attn=80': expected kind=N", None),
     ("usage", "run --kind-k attn_z=0", "run --kind-k attn_z=0", 2, "--kind-k: in 'attn_z=0': must be >= 1", None),
+    ("usage", "train --kind-epochs mlp_out=0", "train --kind-epochs mlp_out=0", 2,
+     "--kind-epochs: in 'mlp_out=0': must be >= 1", None),
     ("usage", "train --widths 0", "train --widths 0", 2, "--widths: in '0': must be >= 1", None),
     ("usage", "train --seq-len 1", "train --seq-len 1", 2, "--seq-len: must be >= 2", None),
     ("usage", "train --checkpoint-every 0", "train --checkpoint-every 0", 2, "--checkpoint-every: must be >= 1", None),

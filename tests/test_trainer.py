@@ -594,6 +594,48 @@ def test_a_split_kind_takes_one_step_per_part_of_each_batch(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_a_kind_with_two_epochs_trains_on_after_the_others_stop(tmp_path):
+    """kind_epochs mlp_out=2: its SAE is exactly an SAETrainer stepped on the source's first
+    2·n_steps batches (its schedule spans them all); the other kind's SAEs are those of a run
+    without it, and their log ends at n_steps."""
+    source = Recording(InMemorySource(make_data()))  # 16 batches an epoch: the run reads into the second
+    run = trainer(source, tmp_path / "epochs", recipe=RECIPE.replace(kind_epochs=("mlp_out=2",)))
+    run.fit()
+    plain = trainer(InMemorySource(make_data()), tmp_path / "plain")
+    plain.fit()
+    for a, b in zip(run.trainers, plain.trainers):
+        same = all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters()))
+        assert same == (a.site == RESID), a.name
+    assert len(source.passes[-1]) == 24
+    t = next(t for t in run.trainers if t.site == MLP)
+    assert t.n_steps == 24 and t.tokens_seen == 24 * 32
+    torch.manual_seed(1)  # the spec's seed
+    manual = SAETrainer(TinySAE(SAEConfig(20, 24, "tiny")), RECIPE, sparsity_coefficient=1e-2, n_steps=24,
+                        input_scale=t.input_scale, name="manual", site=MLP, final_steps=4)
+    for step, batch in enumerate(source.passes[-1]):
+        manual.update(step, batch[MLP], return_metrics=False)
+    for (name, p), q in zip(t.sae.named_parameters(), manual.sae.parameters()):
+        assert torch.equal(p, q), name
+    lines = [json.loads(x) for x in (tmp_path / "epochs" / "train_log.jsonl").read_text().splitlines()]
+    last = {}
+    for line in lines:
+        if "sae" in line and "loss" in line:
+            last[line["site"]] = max(last.get(line["site"], 0), line["step"])
+    assert last == {str(RESID): 12, str(MLP): 24}
+    assert Recipe.from_dict(json.loads(json.dumps(run.recipe.to_dict()))) == run.recipe  # a checkpoint's round trip
+    with pytest.raises(ValueError, match="kind_epochs: .*noise=2"):
+        RECIPE.replace(kind_epochs=("noise=2",))
+
+
+def test_a_run_with_more_epochs_at_one_kind_resumes_bit_identically(tmp_path):
+    """Killed in the second epoch (only mlp_out's SAE still training), resumed: bit-identical."""
+    reference, resumed = straight_and_resumed(InMemorySource(make_data()), tmp_path, kill_step=18,
+                                              recipe=RECIPE.replace(kind_epochs=("mlp_out=2",)))
+    for a, b in zip(reference.trainers, resumed.trainers):
+        for key, value in a.state_tensors().items():
+            assert torch.equal(value, b.state_tensors()[key]), f"{a.name}: {key} differs after resume"
+
+
 def test_a_split_run_resumes_bit_identically(tmp_path):
     reference, resumed = straight_and_resumed(InMemorySource(make_data()), tmp_path,
                                               recipe=RECIPE.replace(kind_splits=("mlp_out=2", "resid_post=4")))

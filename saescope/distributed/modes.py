@@ -101,6 +101,9 @@ def train_online_site_parallel(local: BatchSource, specs: list[SAESpec], recipe:
     trainers read (:func:`~saescope.train.trainer.planned_reads`), so every rank makes the same
     exchanges.  Returns every released folder on rank 0 ([] elsewhere)."""
     env = env or current()
+    if recipe is not None and recipe.kind_epochs:  # its ranks serve each other n_steps batches, no more
+        raise ValueError("kind_epochs (--kind-epochs) is not supported by online site-parallel training yet; "
+                         "train from a store (--source store), or leave it out")
     out_dir = Path(out_dir)
     assignment = assign_specs(specs, env.world_size, d_in=local.d_in, split_sites="never")
     owners = {s.site: r for r, group in enumerate(assignment) for s in group}

@@ -64,6 +64,10 @@ class Recipe:
     #: as 2 equal parts, one step each (twice the steps on the same tokens, at about the same
     #: FLOPs; warm-ups and decay keep their share of the run); other kinds take one step
     kind_splits: tuple[str, ...] = ()
+    #: passes over the run's tokens by site kind, e.g. ("mlp_out=2",): that kind's SAEs go on
+    #: through the source's next epoch (the same tokens, reshuffled) while the others stop after
+    #: the first; the run lasts as long as its longest
+    kind_epochs: tuple[str, ...] = ()
     #: "float32" (the paper) or "bfloat16" (autocast; fp32 master weights and optimiser state)
     dtype: str = "float32"
     #: C is estimated as sqrt(mean ‖x‖²) over at least this many tokens (whole batches) read
@@ -140,10 +144,13 @@ class Recipe:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         object.__setattr__(self, "kind_splits", tuple(self.kind_splits))  # JSON reads back a list
-        try:
-            check_kind_splits(self.kind_splits, self.batch_size, f"the batch of {self.batch_size}", "kind_splits:")
-        except ArgumentTypeError as err:  # the message names what is wrong
-            raise ValueError(f"kind_splits: {err}") from None
+        object.__setattr__(self, "kind_epochs", tuple(self.kind_epochs))
+        for name in ("kind_splits", "kind_epochs"):
+            try:
+                kind_values(getattr(self, name))
+            except ArgumentTypeError as err:  # the message names what is wrong
+                raise ValueError(f"{name}: {err}") from None
+        check_kind_splits(self.kind_splits, self.batch_size, f"the batch of {self.batch_size}", "kind_splits:")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.scale_estimate_tokens < 1 or self.dead_window_tokens < 1:
@@ -237,6 +244,10 @@ class Recipe:
     def splits_at(self, kind: str) -> int:
         """Adam steps per batch for SAEs at sites of ``kind`` (``kind_splits``; 1 if not named)."""
         return kind_values(self.kind_splits).get(kind, 1)
+
+    def epochs_at(self, kind: str) -> int:
+        """Passes over the run's tokens for SAEs at sites of ``kind`` (``kind_epochs``; 1 if not named)."""
+        return kind_values(self.kind_epochs).get(kind, 1)
 
     def split(self, n: int) -> Recipe:
         """This recipe for SAEs taking each batch as ``n`` parts: batches of batch_size / n, the

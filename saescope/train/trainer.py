@@ -242,7 +242,7 @@ class Trainer:
             sae.to(self.device),
             self.recipe.split(split),
             sparsity_coefficient=spec.sparsity_coefficient or 0.0,
-            n_steps=self.n_steps * split,
+            n_steps=self.n_steps * split * self.recipe.epochs_at(spec.site.kind),
             input_scale=scale if math.isfinite(scale) else 1.0,
             input_norm=self._norms_of(spec)[x_site] if self.recipe.input_norm != "scalar" else None,
             target_scale=self.scales[y_site] if math.isfinite(self.scales[y_site]) else 1.0,
@@ -349,14 +349,16 @@ class Trainer:
         for t in self.trainers:
             by_site.setdefault(t.site, []).append(t)
         splits = {site: self.recipe.splits_at(site.kind) for site in by_site}  # Adam steps per batch
+        ends = {site: self.n_steps * self.recipe.epochs_at(site.kind) for site in by_site}  # Recipe.kind_epochs
+        last = max(ends.values())
         batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=start)
-        bar = tqdm(total=self.n_steps * B, initial=start * B, unit="tok", unit_scale=True,
+        bar = tqdm(total=last * B, initial=start * B, unit="tok", unit_scale=True,
                    desc=f"training {len(self.trainers)} SAEs", disable=not (self.options.progress and self.plan.writes))
         last_time, last_step = time.perf_counter(), start
         try:
-            for step in range(start, self.n_steps):
-                live = {site: [t for t in ts if t.error is None] for site, ts in by_site.items()}
-                live = {site: ts for site, ts in live.items() if ts}
+            for step in range(start, last):
+                live = {site: ts for site, every in by_site.items()
+                        if step < ends[site] and (ts := [t for t in every if t.error is None])}
                 if not live:
                     break  # every SAE stopped: nothing left to train
                 batch = next(batches)
@@ -378,16 +380,15 @@ class Trainer:
                             tqdm.write(f"saescope train: {err}")
                 done = step + 1
                 bar.update(B)
-                if done % self.options.log_every == 0 or done == self.n_steps:
+                if done % self.options.log_every == 0 or done == last:
                     now = time.perf_counter()
-                    rate = (done - last_step) * B / max(now - last_time, 1e-9)
-                    last_time, last_step = now, done
+                    rate, last_time, last_step = (done - last_step) * B / max(now - last_time, 1e-9), now, done
                     for t in self.trainers:
-                        if t.error is None:
+                        if t.error is None and done - self.options.log_every < ends[t.site]:  # stepped since
                             log.write({"step": done, "tokens": done * B, "sae": t.name, "site": str(t.site),
                                        **t.pop_metrics(), "tokens_per_s": rate})
                     bar.set_postfix(training=sum(t.error is None for t in self.trainers))
-                if done % self.options.checkpoint_every == 0 or done == self.n_steps:
+                if done % self.options.checkpoint_every == 0 or done == last:
                     if self.plan.checkpoints:
                         self.save_checkpoint(done, ckpt)
         finally:
