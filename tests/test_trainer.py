@@ -570,18 +570,24 @@ def test_recipe_split_keeps_warmups_in_tokens_and_refuses_bad_splits():
                 n_steps=4, plan=TrainPlan(build_sae=TinySAE, rows_divisor=4))  # a data-parallel rank's 8 rows
 
 
+def _mlp_only_differs(tmp_path, **recipe_changes):
+    """A run with ``recipe_changes`` (recorded source) and one without: the resid_post SAEs must be
+    bit-identical, the mlp_out one must differ.  Returns the recording and the changed run."""
+    source = Recording(InMemorySource(make_data()))
+    changed = trainer(source, tmp_path / "changed", recipe=RECIPE.replace(**recipe_changes))
+    changed.fit()
+    plain = trainer(InMemorySource(make_data()), tmp_path / "plain")
+    plain.fit()
+    for a, b in zip(changed.trainers, plain.trainers):
+        same = all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters()))
+        assert same == (a.site == RESID), a.name
+    return source, changed
+
+
 def test_a_split_kind_takes_one_step_per_part_of_each_batch(tmp_path):
     """mlp_out=2: its SAE is exactly an SAETrainer stepped on each batch's two halves; the other
     kind's SAEs are those of a run without the split."""
-    source = Recording(InMemorySource(make_data()))
-    split = trainer(source, tmp_path / "split", recipe=RECIPE.replace(kind_splits=("mlp_out=2",)))
-    split.fit()
-    plain = trainer(InMemorySource(make_data()), tmp_path / "plain")
-    plain.fit()
-    for a, b in zip(split.trainers, plain.trainers):
-        same = all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters()))
-        assert same == (a.site == RESID), a.name
-
+    source, split = _mlp_only_differs(tmp_path, kind_splits=("mlp_out=2",))
     t = next(t for t in split.trainers if t.site == MLP)
     assert t.n_steps == 24 and t.tokens_seen == 12 * 32
     torch.manual_seed(1)  # the spec's seed
@@ -598,15 +604,8 @@ def test_a_kind_with_two_epochs_trains_on_after_the_others_stop(tmp_path):
     """kind_epochs mlp_out=2: its SAE is exactly an SAETrainer stepped on the source's first
     2·n_steps batches (its schedule spans them all); the other kind's SAEs are those of a run
     without it, and their log ends at n_steps."""
-    source = Recording(InMemorySource(make_data()))  # 16 batches an epoch: the run reads into the second
-    run = trainer(source, tmp_path / "epochs", recipe=RECIPE.replace(kind_epochs=("mlp_out=2",)))
-    run.fit()
-    plain = trainer(InMemorySource(make_data()), tmp_path / "plain")
-    plain.fit()
-    for a, b in zip(run.trainers, plain.trainers):
-        same = all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters()))
-        assert same == (a.site == RESID), a.name
-    assert len(source.passes[-1]) == 24
+    source, run = _mlp_only_differs(tmp_path, kind_epochs=("mlp_out=2",))
+    assert len(source.passes[-1]) == 24  # 16 batches an epoch: the run read into the second
     t = next(t for t in run.trainers if t.site == MLP)
     assert t.n_steps == 24 and t.tokens_seen == 24 * 32
     torch.manual_seed(1)  # the spec's seed
@@ -616,7 +615,7 @@ def test_a_kind_with_two_epochs_trains_on_after_the_others_stop(tmp_path):
         manual.update(step, batch[MLP], return_metrics=False)
     for (name, p), q in zip(t.sae.named_parameters(), manual.sae.parameters()):
         assert torch.equal(p, q), name
-    lines = [json.loads(x) for x in (tmp_path / "epochs" / "train_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "changed" / "train_log.jsonl").read_text().splitlines()]
     last = {}
     for line in lines:
         if "sae" in line and "loss" in line:
