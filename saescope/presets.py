@@ -57,7 +57,8 @@ class RunConfig(TrainSettings):
             raise ValueError("no SAE width given")
         # refused before any stage runs (the recipe, built at the train stage, checks it too)
         check_kind_splits(self.kind_splits, self.batch_size, f"the batch of {self.batch_size}", "--kind-split")
-        kind_values(self.kind_ks), kind_values(self.kind_epochs)
+        kind_values(self.kind_ks)
+        kind_values(self.kind_epochs)
 
     @property
     def n_steps(self) -> int:
@@ -78,7 +79,7 @@ class RunConfig(TrainSettings):
 
     def overridden(self, **changes: Any) -> "RunConfig":
         """:meth:`replace` as the command line means it: a per-kind list (``--kind-k``,
-        ``--kind-split``) changes the kinds it names and keeps the preset's other kinds."""
+        ``--kind-split``, ``--kind-epochs``) changes the kinds it names and keeps the preset's other kinds."""
         for name in ("kind_ks", "kind_splits", "kind_epochs"):
             if name in changes:
                 merged = {**kind_values(getattr(self, name)), **kind_values(changes[name])}

@@ -212,8 +212,8 @@ PAIR_KINDS: dict[str, tuple[str, str]] = {"transcoder": ("mlp_in", "mlp_out")}
 RELEASE_LAYOUTS: tuple[str, ...] = ("saescope", "gemma-scope-2")
 
 #: names ``Recipe`` shares with :class:`TrainSettings` (the settings a user is expected to change)
-RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "kind_epochs", "dtype", "b_dec_init", "input_norm", "input_norm_power",
-                 "fisher_weight", "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
+RECIPE_FIELDS = ("lr", "batch_size", "kind_splits", "kind_epochs", "dtype", "b_dec_init", "input_norm",
+                 "input_norm_power", "fisher_weight", "fisher_tokens", "fisher_kinds", "lr_decay_fraction",
                  "adam_beta1", "threshold_init_mode", "max_frequency", "frequency_coefficient", "refit_tokens")
 
 
