@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--plan-tokens", type=int, default=8192)
     p.add_argument("--plan-loss-tokens", type=int, default=8192)
+    p.add_argument("--chunks", default="128,512",
+                   help="scored tokens per head chunk to compare (EvalConfig.chunk_tokens; comma-separated)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the chunk comparison")
     args = p.parse_args()
 
     import numpy as np
@@ -89,6 +92,25 @@ def main() -> None:
                                for s in range(0, len(hidden_MD), 256)])
     print(f"clean pass for loss metrics: {t_clean:.2f}s = {t_clean / n_tok * 1e3:.2f} ms/token "
           f"(head + logsumexp alone {t_head / n_tok * 1e3:.2f} ms/token)")
+
+    # the head's chunk size, side by side on the same scored rows: one CleanReference and one score
+    from saescope.evaluate.lm_scores import CleanReference
+    from saescope.forward import clean_forward
+
+    with torch.no_grad():  # the real final hidden states: the softmax's speed depends on the logits
+        real_MD = clean_forward(model, batch.ids_BT, set())[0][batch.scored_BT]
+    targets_M = batch.next_token_M
+    chunks = [int(c) for c in args.chunks.split(",")]
+    per_chunk: dict[int, list[float]] = {c: [] for c in chunks}
+    for _ in range(args.rounds):
+        for c in chunks:
+            t = time.perf_counter()
+            CleanReference(model, real_MD, targets_M, c).score(real_MD)
+            sync()
+            per_chunk[c].append((time.perf_counter() - t) / len(real_MD) / 2 * 1e3)
+    for c, ms in per_chunk.items():
+        print(f"head chunk {c:5d} scored tokens: {min(ms):.2f} / {np.median(ms):.2f} / {max(ms):.2f} ms "
+              f"per scored token per pass (min / median / max of {args.rounds} rounds)")
 
     spliced = {}
     for site in sorted(probe):

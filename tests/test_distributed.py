@@ -386,3 +386,18 @@ def test_train_command_under_a_torchrun_environment(out, one_thread, tmp_path, m
     assert (tmp_path / "site/parallel.json").exists() and (tmp_path / "site/ranks/rank_0").is_dir()
     assert main([*common, "--out", str(tmp_path / "site"), "--parallel", "data"]) == 1  # refused, named
     assert not dist.is_initialized()
+
+
+def test_online_site_parallel_refuses_a_second_epoch_and_names_the_flag_that_undoes_it(tmp_path):
+    """The default preset gives mlp_out two epochs; under online site parallelism that is refused
+    in one line naming --kind-epochs mlp_out=1, and an epoch count of 1 passes this check."""
+    from saescope.distributed.modes import train_online_site_parallel
+    from saescope.train.recipe import Recipe
+
+    env = DistEnv(rank=0, world_size=2, local_rank=0)
+    with pytest.raises(ValueError, match=r"pass --kind-epochs mlp_out=1$"):
+        train_online_site_parallel(None, [], Recipe(kind_epochs=("mlp_out=2", "attn_z=1")), tmp_path,
+                                   n_steps=4, env=env)
+    with pytest.raises(Exception) as err:  # gets past the check, then fails on the missing source
+        train_online_site_parallel(None, [], Recipe(kind_epochs=("mlp_out=1",)), tmp_path, n_steps=4, env=env)
+    assert "kind_epochs" not in str(err.value)

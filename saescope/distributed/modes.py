@@ -26,6 +26,7 @@ from saescope.distributed.env import DistEnv, current
 from saescope.distributed.exchange import OwnerExchange
 from saescope.distributed.layout import agree_on_start_step, check_layout, check_not_split, finish_split_run, rank_dir
 from saescope.distributed.plans import DataParallelPlan, LatentParallelPlan
+from saescope.settings import kind_values
 from saescope.settings import PAIR_KINDS
 from saescope.sites import Site
 from saescope.train.recipe import Recipe
@@ -101,9 +102,11 @@ def train_online_site_parallel(local: BatchSource, specs: list[SAESpec], recipe:
     trainers read (:func:`~saescope.train.trainer.planned_reads`), so every rank makes the same
     exchanges.  Returns every released folder on rank 0 ([] elsewhere)."""
     env = env or current()
-    if recipe is not None and recipe.kind_epochs:  # its ranks serve each other n_steps batches, no more
+    extra = {k: e for k, e in kind_values(recipe.kind_epochs).items() if e > 1} if recipe is not None else {}
+    if extra:  # its ranks serve each other n_steps batches, no more
+        undo = ",".join(f"{k}=1" for k in extra)
         raise ValueError("kind_epochs (--kind-epochs) is not supported by online site-parallel training yet; "
-                         "train from a store (--source store), or leave it out")
+                         f"train from a store (--source store), or pass --kind-epochs {undo}")
     out_dir = Path(out_dir)
     assignment = assign_specs(specs, env.world_size, d_in=local.d_in, split_sites="never")
     owners = {s.site: r for r, group in enumerate(assignment) for s in group}
