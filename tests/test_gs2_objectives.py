@@ -358,7 +358,7 @@ def test_matryoshka_release_reports_every_prefix_in_eval(tmp_path):
 
 def test_target_l0_frequency_and_matryoshka_resume_bit_identically(tmp_path):
     """The running frequency p̂ and the post-warm-up L0 sums are checkpointed with the weights."""
-    from test_trainer import RECIPE, RESID, make_data, straight_and_resumed
+    from trainer_kit import RECIPE, RESID, make_data, straight_and_resumed
 
     from saescope.activations.source import InMemorySource
     from saescope.train.spec import SAESpec

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from test_trainer import SPECS, KillAt, make_data, trainer
+from trainer_kit import SPECS, KillAt, make_data, trainer
 
 from saescope.activations.source import InMemorySource
 from saescope.errors import IntegrityError, LockedError, UserError
