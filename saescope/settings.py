@@ -262,8 +262,8 @@ class TrainSettings:
     #: Adam steps per batch at a site kind, e.g. mlp_out=2: its SAEs take each batch as 2 equal
     #: parts (twice the steps on the same tokens, about the same FLOPs); =1 undoes a preset's
     kind_splits: tuple[str, ...] = field(default=(), metadata={"flag": "kind_split", "parse": listing(kind_value)})
-    #: passes over the training tokens at a site kind, e.g. mlp_out=2: its SAEs go on through a
-    #: second, reshuffled epoch while the other kinds stop after the first; =1 undoes a preset's
+    #: passes over the training tokens at a site kind, e.g. mlp_out=3: its SAEs go on through
+    #: more epochs, each reshuffled, while the other kinds stop after the first; =1 undoes a preset's
     kind_epochs: tuple[str, ...] = field(default=(), metadata={"flag": "kind_epochs", "parse": listing(kind_value)})
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
     lr: float = field(default=7e-5, metadata={"parse": at_least(1e-12, finite)})
