@@ -184,9 +184,9 @@ PRESETS: dict[str, RunConfig] = {
         **_CPU,
         checkpoint_every=32,
     ),
-    # 4-11 minutes on 2 CPU cores (three machines measured): the same pipeline, smaller everything (a smoke test).
+    # 3.5-11 minutes on 2 CPU cores (four machines measured): the same pipeline, smaller everything (a smoke test).
     "quick": RunConfig(
-        description="Smoke run on CPU: 54 sites, BatchTopK->JumpReLU k=64, width 512, 16k tokens (4-11 min)",
+        description="Smoke run on CPU: 54 sites, BatchTopK->JumpReLU k=64, width 512, 16k tokens (3.5-11 min)",
         widths=(512,),
         ks=(64,),
         train_tokens=16_384,
