@@ -141,10 +141,9 @@ _GEMMA_2_2B_PAPER = RunConfig(
 )
 
 PRESETS: dict[str, RunConfig] = {
-    # The embedded default on 2 CPU cores (an AMX Xeon: 31 min with two mlp_out epochs, runs/d13;
-    # 58 min on an AVX-512 EPYC before kind_epochs, beta1 0.9 and the 16k-token Fisher pass; the
-    # goal is 30): every site of Gemma 3 270M, one SAE per site at L0 ~ 100; CE recovered >= 0.9
-    # at 53 of 54 (runs/d13 with runs/e3's mlp_out).
+    # The embedded default on 2 CPU cores (37 min on an AMX Xeon, runs/d14; 58 min on an AVX-512
+    # EPYC before kind_epochs, beta1 0.9 and the 16k-token Fisher pass; the goal is 30): every
+    # site of Gemma 3 270M, one SAE per site at L0 ~ 100; CE recovered >= 0.9 at 53 of 54.
     # Training is ~10·d_in·width FLOPs per token per SAE; evaluation pays one partial forward
     # plus the 262k-word head per SAE, site (zero ablation) and loss token.
     "default": RunConfig(
@@ -164,9 +163,9 @@ PRESETS: dict[str, RunConfig] = {
         # tokens: side by side with runs/d12 on 16,611 held-out loss tokens, delta loss fell at all
         # 10 sites measured (mlp_out 12-17: 1-33%, KL 16-28%; resid_post 12, 17: 8-9%; attn_z 12,
         # 17) and mlp_out 12 and 15 crossed CE recovered 0.9 (docs/fidelity.md, 2026-12-03).
-        # A third mlp_out epoch (runs/e3 against runs/d13, 16,611 held-out loss tokens): KL fell
-        # at all 18 mlp_out sites (6-22%), CE recovered >= 0.9 at 17 of 18 (15 with two), for ~6
-        # more minutes (docs/fidelity.md, 2026-12-04)
+        # A third mlp_out epoch (runs/d14 against runs/d13, 16,611 held-out loss tokens): KL fell
+        # at all 18 mlp_out sites, CE recovered >= 0.9 at 17 of 18 (15 with two), for 6.3 more
+        # minutes (docs/fidelity.md, 2026-12-04)
         kind_epochs=("mlp_out=3",),
         adam_beta1=0.9,
         train_tokens=196_608,
