@@ -195,7 +195,8 @@ def _activation_source(cfg, model, tokenizer, corpus, sites, out: Path, progress
     if cfg.source == "online":
         from saescope.activations.online import OnlineSource
 
-        return OnlineSource(model, corpus, sites)
+        # the run folder holds the rows of sites trained for more epochs than one (kind_epochs)
+        return OnlineSource(model, corpus, sites, site_rows=cfg.site_rows(sites, cfg.n_steps), cache_dir=out)
     from saescope.activations.harvest import HarvestConfig, harvest
     from saescope.activations.store import StoreReader
 

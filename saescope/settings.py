@@ -303,3 +303,9 @@ class TrainSettings:
 
     def recipe_overrides(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RECIPE_FIELDS}
+
+    def site_rows(self, sites, n_steps: int) -> dict:
+        """Rows of the activation stream the trainer reads per site (``n_steps`` batches per
+        epoch, ``kind_epochs``): an online source leaves a site out of the epochs past them."""
+        epochs = kind_values(self.kind_epochs)
+        return {site: n_steps * self.batch_size * epochs.get(site.kind, 1) for site in sites}

@@ -232,3 +232,20 @@ def test_fisher_map_is_refused_where_it_cannot_work(tmp_path, tiny_model, tiny_c
     tc = Site(0, "transcoder")  # transcoders alone need no Fisher metric: they take the diagonal map
     Trainer(OnlineSource(model, corpus, [tc]), [SAESpec(tc, "batchtopk_transcoder", 32, k=4)], recipe, tmp_path,
             n_steps=4)
+
+
+def test_fisher_labels_follow_the_model_distribution():
+    """The inverse-CDF sampler draws each token with its probability, never a zero-p one."""
+    from saescope.activations.fisher import sample_labels
+
+    p_V = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.0, 0.05])
+    log_p = p_V.log().expand(40_000, -1).contiguous()
+    y = sample_labels(log_p, torch.Generator().manual_seed(0), rows_per_chunk=999)
+    freq = torch.bincount(y, minlength=6).double() / len(y)
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, p_V.double(), atol=0.01), freq  # 4.5 sigma at 40k draws
+    rows = torch.log_softmax(torch.randn(3, 1000) * 3, -1)  # each row its own distribution
+    draws = torch.stack([sample_labels(rows, torch.Generator().manual_seed(s)) for s in range(3000)])
+    for r in range(3):
+        top = int(rows[r].argmax())
+        assert abs((draws[:, r] == top).double().mean() - rows[r, top].exp()) < 0.03

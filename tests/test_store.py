@@ -102,7 +102,7 @@ def test_reader_loads_only_what_it_needs(store_path, monkeypatch):
     reader = StoreReader(store_path, buffer_tokens=40, prefetch=False)
     loaded = []
     original = reader._load
-    monkeypatch.setattr(reader, "_load", lambda bucket: loaded.append(bucket.rows) or original(bucket))
+    monkeypatch.setattr(reader, "_load", lambda bucket, epoch=0: loaded.append(bucket.rows) or original(bucket, epoch))
     take(reader.iter_batches(8, seed=0), 3)
     assert loaded and max(loaded) <= 40
     loaded.clear()

@@ -88,6 +88,21 @@ def fisher_of_sites(model: nn.Module, corpus: TokenizedCorpus, *, n_tokens: int,
     return lambda sites: site_fisher(model, corpus, sites, n_tokens=n_tokens, seed=seed, progress=progress)[0]
 
 
+@torch.no_grad()
+def sample_labels(log_p_NV: torch.Tensor, generator: torch.Generator, rows_per_chunk: int = 64) -> torch.Tensor:
+    """One token per row drawn from ``exp(log_p_NV)``, by inverse CDF: one uniform per row
+    against the float64 cumulative sum.  ``torch.multinomial`` draws one exponential per
+    vocabulary entry instead, and over Gemma's 262k words that was half of the Fisher pass."""
+    n, vocab = log_p_NV.shape
+    out = torch.empty(n, dtype=torch.long, device=log_p_NV.device)
+    for a in range(0, n, rows_per_chunk):
+        cdf_CV = log_p_NV[a : a + rows_per_chunk].exp().cumsum(-1, dtype=torch.float64)
+        u_C1 = torch.rand(cdf_CV.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf_CV.device)
+        # first index whose cdf exceeds u·total: index i with probability p_i (never a zero-p one)
+        out[a : a + rows_per_chunk] = torch.searchsorted(cdf_CV, u_C1 * cdf_CV[:, -1:], right=True).squeeze(1)
+    return out.clamp_(max=vocab - 1)
+
+
 def _accumulate(model, sites, ids_BT, keep_BT, fisher, generator, dtype) -> int:
     deltas: dict[Site, torch.Tensor] = {}
     handles = []
@@ -110,10 +125,7 @@ def _accumulate(model, sites, ids_BT, keep_BT, fisher, generator, dtype) -> int:
     with torch.enable_grad():
         log_p = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)  # predicts positions 1..T−1
         del logits_BTV
-        with torch.no_grad():
-            flat = log_p.detach().reshape(-1, log_p.shape[-1]).exp()
-            y = torch.multinomial(flat, 1, generator=generator).view(log_p.shape[:2])
-            del flat
+        y = sample_labels(log_p.detach().reshape(-1, log_p.shape[-1]), generator).view(log_p.shape[:2])
         scored = keep_BT[:, 1:]  # only the tokens the corpus keeps are predicted
         total = (log_p.gather(-1, y[..., None]).squeeze(-1) * scored).sum()
         total.backward()

@@ -101,7 +101,8 @@ def shuffled_batches(
     """Yield ``{key: x_BD}`` batches forever from buckets.
 
     ``plan(epoch)`` lists the epoch's buckets (deterministic, cheap: no data read);
-    ``load(bucket)`` returns the bucket's rows in piece order, ``{key: (bucket.rows, D)}``.
+    ``load(bucket, epoch)`` returns the bucket's rows in piece order, ``{key: (bucket.rows, D)}``
+    (a source may leave out, in later epochs, keys its consumer no longer reads).
     With ``prefetch`` the next bucket loads in a background thread while batches are consumed.
     """
     if batch_size < 1:
@@ -129,7 +130,7 @@ def shuffled_batches(
         e, j, bucket, skip = item
         perm = rng(seed, e, 1, j).permutation(bucket.rows)[skip:]
         order = torch.from_numpy(perm)
-        return {k: x.index_select(0, order) for k, x in load(bucket).items()}
+        return {k: x.index_select(0, order) for k, x in load(bucket, e).items()}
 
     items = work()
     carry: dict[Any, torch.Tensor] | None = None
@@ -147,7 +148,7 @@ def shuffled_batches(
             if carry is not None:  # finish the batch left over from the previous bucket
                 have = next(iter(carry.values())).shape[0]
                 at = min(batch_size - have, n)
-                carry = {k: torch.cat([carry[k], x[:at]]) for k, x in data.items()}
+                carry = {k: torch.cat([carry[k], x[:at]]) for k, x in data.items()}  # keys: this epoch's
                 if have + at < batch_size:
                     continue
                 yield carry
@@ -164,7 +165,7 @@ def shuffled_batches(
 
 class BucketedSource:
     """Mixin for sources that cut their data into buckets: subclasses define ``_plan(seed,
-    epoch) -> list[Bucket]``, ``_load(bucket) -> {site: rows}`` and ``prefetch``; this gives them
+    epoch) -> list[Bucket]``, ``_load(bucket, epoch) -> {site: rows}`` and ``prefetch``; this gives them
     :meth:`iter_batches`, the :class:`~saescope.activations.source.BatchSource` method."""
 
     prefetch: bool = False

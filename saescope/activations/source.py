@@ -88,5 +88,5 @@ class InMemorySource(BucketedSource):
     def _plan(self, seed: int, epoch: int) -> list[Bucket]:
         return chunk_plan(self._chunks, seed, epoch, self.buffer_tokens)
 
-    def _load(self, bucket: Bucket) -> dict[Site, torch.Tensor]:
+    def _load(self, bucket: Bucket, epoch: int = 0) -> dict[Site, torch.Tensor]:
         return {site: torch.cat([t[a:b] for _, a, b in bucket.pieces]) for site, t in self._tensors.items()}

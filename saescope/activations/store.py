@@ -363,7 +363,7 @@ class StoreReader(BucketedSource):
     def _plan(self, seed: int, epoch: int) -> list[Bucket]:
         return chunk_plan(self._chunks, seed, epoch, self.buffer_tokens)
 
-    def _load(self, bucket: Bucket) -> dict[Site, torch.Tensor]:
+    def _load(self, bucket: Bucket, epoch: int = 0) -> dict[Site, torch.Tensor]:
         out = {}
         for site in self.sites:
             x = torch.empty(bucket.rows, self.d_in[site])

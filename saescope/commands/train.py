@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             from saescope.distributed.exchange import corpus_share
 
             corpus = corpus_share(corpus, env.rank, env.world_size)
-        source = OnlineSource(model, corpus, all_sites, device=device)
+        source = OnlineSource(model, corpus, all_sites, device=device, cache_dir=args.out,
+                              site_rows=s.site_rows(all_sites, max(1, s.train_tokens // s.batch_size)))
         sites, model_name, tokens, out = all_sites, args.model, s.train_tokens, args.out
         if s.input_norm == "fisher":
             from saescope.activations.fisher import fisher_of_sites
