@@ -154,7 +154,11 @@ def _run(cfg: RunConfig, out: Path, *, progress: bool, log) -> dict:
                 from saescope.activations.fisher import fisher_of_sites
 
                 fisher = fisher_of_sites(model, corpus, n_tokens=cfg.fisher_tokens, seed=cfg.seed, progress=progress)
-            info.update(_train(cfg, source, sites, out, progress, fisher=fisher))
+            try:
+                info.update(_train(cfg, source, sites, out, progress, fisher=fisher))
+            finally:
+                if hasattr(source, "close"):
+                    source.close()  # the online source's row cache: gigabytes the later stages need
 
     if not state.done("eval"):
         with _stage(state, "eval", log) as info:

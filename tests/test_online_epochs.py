@@ -132,3 +132,12 @@ def test_a_run_with_more_mlp_out_epochs_trains_the_same_saes_from_the_cache(mode
     for name, t in plain.items():
         for (key, p), q in zip(t.sae.named_parameters(), cached[name].sae.parameters()):
             assert torch.equal(p, q), f"{name}: {key}"
+
+
+def test_close_frees_the_cache(model, corpus, tmp_path):
+    source = OnlineSource(model, corpus, SITES, site_rows={MLP: 10 ** 6}, cache_dir=tmp_path)
+    files = list(source.cache._files)
+    source.close()
+    assert source.cache is None and all(f.closed for f in files)
+    source.close()  # twice is fine
+    assert sorted(next(source.iter_batches(B))) == SITES  # still a source: it computes again

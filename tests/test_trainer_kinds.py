@@ -105,3 +105,25 @@ def test_a_split_run_resumes_bit_identically(tmp_path):
     for a, b in zip(reference.trainers, resumed.trainers):
         for key, value in a.state_tensors().items():
             assert torch.equal(value, b.state_tensors()[key]), f"{a.name}: {key} differs after resume"
+
+
+def test_checkpoints_link_what_stopped_moving(tmp_path):
+    """In the second epoch only mlp_out's SAE moves: each checkpoint there hard-links the
+    resid_post SAEs' files from the one before (same inode, same manifest entry), writes the
+    mlp_out one afresh, and still verifies and resumes (the test above resumes from one)."""
+    from saescope.train.checkpoint import CheckpointDir
+
+    run = trainer(InMemorySource(make_data()), tmp_path / "run", n_steps=12, checkpoint_every=4,
+                  recipe=RECIPE.replace(kind_epochs=("mlp_out=2",)))
+    run.fit()
+    ckpt = CheckpointDir(tmp_path / "run" / "checkpoints")
+    (_, last), older = ckpt.latest(), tmp_path / "run" / "checkpoints" / "step_000000020"
+    assert last.name == "step_000000024" and older.is_dir()
+    for t in run.trainers:
+        a, b = older / f"{t.name}.safetensors", last / f"{t.name}.safetensors"
+        assert (a.stat().st_ino == b.stat().st_ino) == (t.site != MLP), t.name
+    ckpt.verify(last)
+    state, tensors = ckpt.load(last)
+    for t in run.trainers:
+        for key, value in t.state_tensors().items():
+            assert torch.equal(tensors[t.name][key], value), (t.name, key)

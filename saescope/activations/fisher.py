@@ -92,7 +92,7 @@ def fisher_of_sites(model: nn.Module, corpus: TokenizedCorpus, *, n_tokens: int,
 def sample_labels(log_p_NV: torch.Tensor, generator: torch.Generator, rows_per_chunk: int = 64) -> torch.Tensor:
     """One token per row drawn from ``exp(log_p_NV)``, by inverse CDF: one uniform per row
     against the float64 cumulative sum.  ``torch.multinomial`` draws one exponential per
-    vocabulary entry instead, and over Gemma's 262k words that was half of the Fisher pass."""
+    vocabulary entry instead (Gemma's 262k words); the default's Fisher pass went 143 -> 133 s."""
     n, vocab = log_p_NV.shape
     out = torch.empty(n, dtype=torch.long, device=log_p_NV.device)
     for a in range(0, n, rows_per_chunk):

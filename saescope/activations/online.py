@@ -79,6 +79,12 @@ class OnlineSource(BucketedSource):
         reused = [s for s in self.sites if self.site_rows.get(s, 0) > epoch_rows]
         self.cache = RowCache(reused, self.d_in, self._kept_per_seq, cache_dir) if reused else None
 
+    def close(self) -> None:
+        """Free the row cache (its memory, or its files' disk space) once training is done."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
     def sites_at(self, epoch: int) -> list[Site]:
         """The sites an epoch's batches hold: those read at or past its first row (``site_rows``)."""
         start = epoch * int(self._kept_per_seq.sum())
@@ -141,6 +147,12 @@ class RowCache:
                 f = tempfile.TemporaryFile(dir=folder, prefix=f"saescope-rows-{s.name}-")
                 self._files.append(f)
                 self.rows[s] = np.memmap(f, dtype=np.float32, mode="w+", shape=(max(n_rows, 1), d_in[s]))
+
+    def close(self) -> None:
+        self.rows.clear()  # the memmaps go with their last reference
+        for f in self._files:
+            f.close()
+        self._files.clear()
 
     def has(self, seqs: np.ndarray) -> bool:
         return bool(self.filled[seqs].all())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ class CheckpointDir:
         self.root = Path(root)
         self.keep = max(1, keep)
         self._verified: dict[Path, dict] = {}
+        self._saved_versions: dict[str, str] = {}  # what :meth:`save` last wrote (the pointer's checkpoint)
 
     # --- run identity ------------------------------------------------------------------------
 
@@ -160,9 +162,15 @@ class CheckpointDir:
         self._verified[folder] = manifest
         return manifest
 
-    def save(self, step: int, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> Path:
+    def save(self, step: int, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
+             versions: Mapping[str, str] | None = None) -> Path:
         """Write ``state`` (JSON) and one safetensors file per name in ``tensors``, then the
-        folder's manifest (every file's SHA-256, written last), atomically."""
+        folder's manifest (every file's SHA-256, written last), atomically.
+
+        ``versions``: a string per name that changes whenever its tensors do.  A name whose
+        version is the one it had at this object's previous save (an SAE that stopped training,
+        the input maps) is hard-linked from that checkpoint (copied where links fail) with its
+        manifest entry, not written and hashed again."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step_{step:09d}"
         final = self.root / name
@@ -173,8 +181,14 @@ class CheckpointDir:
             shutil.rmtree(tmp)
         tmp.mkdir()
         files = {}
+        versions = dict(versions or {})
+        previous = self._reusable([n for n, v in versions.items() if self._saved_versions.get(n) == v])
         for sae_name, named in tensors.items():
             path = tmp / f"{sae_name}.safetensors"
+            if path.name in previous:
+                _link_or_copy(previous[path.name][0], path)
+                files[path.name] = previous[path.name][1]
+                continue
             save_file(named, str(path))
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -190,7 +204,26 @@ class CheckpointDir:
         _fsync_dir(self.root)
         self._point_to(step, name)
         self._prune(keep_dir=final)
+        self._saved_versions = versions
         return final
+
+    def _reusable(self, names: Collection[str]) -> dict[str, tuple[Path, dict]]:
+        """``{file name: (path, manifest entry)}`` in the pointer's checkpoint for ``names``."""
+        pointer = self._pointer()
+        if not names or pointer is None:
+            return {}
+        folder = self.root / pointer[1]
+        try:
+            entries = read_json(folder / CHECKPOINT_MANIFEST)["files"]
+        except (ValueError, TypeError, KeyError):
+            return {}  # no usable manifest: everything is written afresh
+        out = {}
+        for name in names:
+            file = f"{name}.safetensors"
+            entry = entries.get(file)
+            if entry is not None and (folder / file).is_file() and (folder / file).stat().st_size == entry["bytes"]:
+                out[file] = (folder / file, entry)
+        return out
 
     def _point_to(self, step: int, name: str) -> None:
         write_json(self.root / "latest.json", {"step": step, "dir": name}, indent=1, sort_keys=True)
@@ -238,6 +271,15 @@ class CheckpointDir:
         for old in folders[: -self.keep]:
             if old != keep_dir:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # checkpoint files are never written in place, so sharing one is safe
+    except OSError:
+        shutil.copyfile(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def describe_differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -21,6 +21,7 @@ through the :class:`~saescope.train.plan.TrainPlan`; knobs that change no result
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -35,47 +36,21 @@ from saescope.corpora import canonical_name
 from saescope.locks import folder_lock
 from saescope.sae.base import SAE, SAEConfig
 from saescope.sae.input_norm import InputNorm
-from saescope.settings import PAIR_KINDS, RELEASE_LAYOUTS
+from saescope.settings import PAIR_KINDS
 from saescope.sites import Site, data_sites, io_sites
 from saescope.train.checkpoint import CheckpointDir
 from saescope.train.norms import estimate_input_norms, estimate_input_scales  # noqa: F401 (re-exported)
+from saescope.train.options import TrainOptions  # noqa: F401 (re-exported)
 from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
 from saescope.train.refit import check_refittable, refit_trainers
-from saescope.train.run_log import NullLog, RunLog, check_loggers
+from saescope.train.run_log import NullLog, RunLog
 from saescope.train.sae_trainer import NonFiniteError, SAETrainer
 from saescope.train.spec import SAESpec, check_recipe_fits
 
 
 #: the checkpoint entry holding "fisher" input maps' matrices (SAE names start with "layer_")
 INPUT_MAPS = "input_maps"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Knobs that change no result: where SAEs train and how often the run reports and saves."""
-
-    device: str = "cpu"
-    #: steps between checkpoints (and at the last step)
-    checkpoint_every: int = 1_000
-    #: checkpoints kept on disk (at least 2 under site parallelism: ranks may step back one)
-    keep_checkpoints: int = 2
-    #: steps between metric records (and at the last step)
-    log_every: int = 100
-    #: extra metric sinks, "tensorboard" and/or "wandb" (must be installed)
-    loggers: tuple[str, ...] = ()
-    #: show a progress bar
-    progress: bool = True
-    #: how the release names and writes its folders: "saescope" (ours, Gemma Scope 1's tail) or
-    #: "gemma-scope-2" (:mod:`saescope.release.gemma_scope_2`)
-    release_layout: str = "saescope"
-
-    def __post_init__(self) -> None:
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
-        if self.release_layout not in RELEASE_LAYOUTS:
-            raise ValueError(f"unknown release layout {self.release_layout!r}; use one of {', '.join(RELEASE_LAYOUTS)}")
-        check_loggers(tuple(self.loggers))
 
 
 @dataclass
@@ -407,4 +382,6 @@ class Trainer:
         maps = {f"{s.name}:{m}": v.contiguous() for s, n in self.norms.items() for m, v in n.matrices().items()}
         if maps:  # a "fisher" map's matrices (its JSON has the rest)
             tensors[INPUT_MAPS] = maps
-        return ckpt.save(step, state, tensors)
+        # an SAE that stopped (its kind trains fewer epochs) and the maps are linked, not rewritten
+        versions = {INPUT_MAPS: "fixed", **{t.name: json.dumps(t.state_meta(), sort_keys=True) for t in self.trainers}}
+        return ckpt.save(step, state, tensors, versions=versions)
