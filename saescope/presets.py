@@ -141,7 +141,7 @@ _GEMMA_2_2B_PAPER = RunConfig(
 )
 
 PRESETS: dict[str, RunConfig] = {
-    # The embedded default on 2 CPU cores (37 min on an AMX Xeon, runs/d14; 58 min on an AVX-512
+    # The embedded default on 2 CPU cores (29 min on an AMX Xeon, runs/d16; 58 min on an AVX-512
     # EPYC before kind_epochs, beta1 0.9 and the 16k-token Fisher pass; the goal is 30): every
     # site of Gemma 3 270M, one SAE per site at L0 ~ 100; CE recovered >= 0.9 at 53 of 54.
     # Training is ~10·d_in·width FLOPs per token per SAE; evaluation pays one partial forward
