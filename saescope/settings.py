@@ -102,24 +102,68 @@ def site_kind(text: str) -> str:
     return text.strip()
 
 
+def layer_list(spec: str, n_layers: int | None = None) -> list[int]:
+    """A layer range as ``--sites`` writes it (``7``, ``0-5``, ``0-17:2``) -> its layers; with
+    ``n_layers``, refused past the model's last layer."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", spec.strip())
+    if not m:
+        raise ValueError(f"bad layer range {spec!r}: use '7', '0-5' or '0-17:2'")
+    start = int(m.group(1))
+    stop = int(m.group(2)) if m.group(2) is not None else start
+    step = int(m.group(3)) if m.group(3) is not None else 1
+    if step < 1 or stop < start:
+        raise ValueError(f"bad layer range {spec!r}")
+    if n_layers is not None and stop >= n_layers:
+        raise ValueError(f"layer {stop} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return list(range(start, stop + 1, step))
+
+
 def kind_value(text: str) -> str:
-    """``kind=N`` (a site kind and a positive whole number), e.g. ``attn_z=85``; kept as written."""
+    """``kind=N`` or ``kind@LAYERS=N`` (a site kind, optionally some of its layers as
+    ``--sites`` writes them, and a positive whole number), e.g. ``attn_z=85``,
+    ``mlp_out@12-17=5``; kept as written."""
     name, sep, value = text.strip().partition("=")
-    if not sep or name not in KNOWN_KINDS:
-        raise argparse.ArgumentTypeError(f"expected kind=N with a kind among {', '.join(KNOWN_KINDS)}, got {text!r}")
+    kind, at, layers = name.strip().partition("@")
+    if not sep or kind not in KNOWN_KINDS:
+        raise argparse.ArgumentTypeError(f"expected kind=N or kind@LAYERS=N with a kind among "
+                                         f"{', '.join(KNOWN_KINDS)}, got {text!r}")
+    if at:
+        try:
+            layer_list(layers)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
     positive_int(value)
-    return f"{name}={int(value)}"
+    return f"{kind}{at}{layers.strip()}={int(value)}"
 
 
 def kind_values(items) -> dict[str, int]:
-    """``('attn_z=85', ...)`` -> ``{'attn_z': 85, ...}`` (each item as :func:`kind_value` checks)."""
+    """``('attn_z=85', 'mlp_out@12-17=5', ...)`` -> ``{'attn_z': 85, 'mlp_out@12-17': 5, ...}``
+    (each item as :func:`kind_value` checks), refusing two values for one kind or one layer."""
     out: dict[str, int] = {}
+    layers_of: dict[str, dict[int, str]] = {}
     for item in items:
         name, _, value = kind_value(item).partition("=")
         if name in out:
-            raise ValueError(f"site kind {name} given two values ({out[name]} and {value})")
+            what = "sites" if "@" in name else "site kind"
+            raise ValueError(f"{what} {name} given two values ({out[name]} and {value})")
+        kind, at, layers = name.partition("@")
+        for layer in layer_list(layers) if at else ():
+            seen = layers_of.setdefault(kind, {})
+            if layer in seen:
+                raise ValueError(f"{seen[layer]} and {name} both name layer {layer} of {kind}")
+            seen[layer] = name
         out[name] = int(value)
     return out
+
+
+def value_at(values: dict[str, int], site, default: int = 1) -> int:
+    """The value :func:`kind_values` gives ``site`` (a :class:`~saescope.sites.Site`): a term
+    naming its layer, else its kind's, else ``default``."""
+    for name, value in values.items():
+        kind, at, layers = name.partition("@")
+        if at and kind == site.kind and site.layer in layer_list(layers):
+            return value
+    return values.get(site.kind, default)
 
 
 def check_kind_splits(kind_splits, rows: int, what: str, name: str = "kind_splits") -> dict[str, int]:
@@ -236,8 +280,8 @@ class TrainSettings:
         default=(1e-3,), metadata={"flag": "l0_coefficients", "parse": listing(at_least(0, finite))})
     #: k sweep (topk, batchtopk): latents per token
     ks: tuple[int, ...] = field(default=(), metadata={"flag": "k", "parse": listing(positive_int)})
-    #: k per site kind, in place of --k at that kind's sites (kinds differ in how many latents
-    #: a token needs), e.g. attn_z=85,mlp_out=120; in run, a preset's other kinds keep theirs
+    #: k per site kind (or kind@LAYERS), in place of --k at those sites (kinds differ in how many
+    #: latents a token needs), e.g. attn_z=85,mlp_out=120; in run, a preset's other kinds keep theirs
     kind_ks: tuple[str, ...] = field(default=(), metadata={"flag": "kind_k", "parse": listing(kind_value)})
     #: target L0s (jumprelu family): one SAE per target, trained with Gemma Scope 2's
     #: λ·(2/L*)·(L0 − L*)² (λ: the one --l0-coefficients value), e.g. 20,60,150
@@ -259,11 +303,11 @@ class TrainSettings:
     seq_len: int = field(default=1024, metadata={"parse": at_least(2)})
     #: activations per training step
     batch_size: int = field(default=4_096, metadata={"parse": positive_int})
-    #: Adam steps per batch at a site kind, e.g. mlp_out=2: its SAEs take each batch as 2 equal
+    #: Adam steps per batch at a site kind or kind@LAYERS, e.g. mlp_out=2: its SAEs take each batch as 2 equal
     #: parts (twice the steps on the same tokens, about the same FLOPs); =1 undoes a preset's
     kind_splits: tuple[str, ...] = field(default=(), metadata={"flag": "kind_split", "parse": listing(kind_value)})
-    #: passes over the training tokens at a site kind, e.g. mlp_out=3: its SAEs go on through
-    #: more epochs, each reshuffled, while the other kinds stop after the first; =1 undoes a preset's
+    #: passes over the training tokens at a site kind or kind@LAYERS, e.g. mlp_out=3,mlp_out@13=5:
+    #: those SAEs go on through more epochs, each reshuffled, while the rest stop; =1 undoes a preset's
     kind_epochs: tuple[str, ...] = field(default=(), metadata={"flag": "kind_epochs", "parse": listing(kind_value)})
     #: learning rate (the paper's 7e-5 suits billions of tokens; short runs need a larger one)
     lr: float = field(default=7e-5, metadata={"parse": at_least(1e-12, finite)})
@@ -308,4 +352,4 @@ class TrainSettings:
         """Rows of the activation stream the trainer reads per site (``n_steps`` batches per
         epoch, ``kind_epochs``): an online source leaves a site out of the epochs past them."""
         epochs = kind_values(self.kind_epochs)
-        return {site: n_steps * self.batch_size * epochs.get(site.kind, 1) for site in sites}
+        return {site: n_steps * self.batch_size * value_at(epochs, site) for site in sites}

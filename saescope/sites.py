@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from saescope.settings import KNOWN_KINDS, PAIR_KINDS, SITE_KINDS  # defined there: parsing flags needs no torch
+from saescope.settings import KNOWN_KINDS, PAIR_KINDS, SITE_KINDS, layer_list  # defined there: parsing flags needs no torch
 
 _SITE_NAME = re.compile(r"^layer_(\d+)/([a-z_]+)$")
 
@@ -84,20 +84,6 @@ class Site:
         return cls(int(m.group(1)), m.group(2))
 
 
-def _parse_layers(spec: str, n_layers: int) -> list[int]:
-    m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", spec.strip())
-    if not m:
-        raise ValueError(f"bad layer range {spec!r}: use '7', '0-5' or '0-17:2'")
-    start = int(m.group(1))
-    stop = int(m.group(2)) if m.group(2) is not None else start
-    step = int(m.group(3)) if m.group(3) is not None else 1
-    if step < 1 or stop < start:
-        raise ValueError(f"bad layer range {spec!r}")
-    if stop >= n_layers:
-        raise ValueError(f"layer {stop} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    return list(range(start, stop + 1, step))
-
-
 def select_sites(spec: str | Iterable[str], n_layers: int) -> list[Site]:
     """Turn a selection (see module docstring) into a sorted, de-duplicated list of sites."""
     terms = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -118,8 +104,8 @@ def select_sites(spec: str | Iterable[str], n_layers: int) -> list[Site]:
                 f"unknown site selection {term!r}: use 'all', one of {', '.join(KNOWN_KINDS)}, "
                 "optionally '@LAYERS', or a name like 'layer_12/resid_post'"
             )
-        layer_list = _parse_layers(layers, n_layers) if layers else list(range(n_layers))
-        sites.update(Site(layer, k) for layer in layer_list for k in kinds)
+        chosen = layer_list(layers, n_layers) if layers else list(range(n_layers))
+        sites.update(Site(layer, k) for layer in chosen for k in kinds)
     if not sites:
         raise ValueError(f"site selection {spec!r} selects no site")
     return sorted(sites)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from saescope.cli import build_parser
-from saescope.settings import add_flags, kind_value, kind_values, listing, overrides, whole_number
+from saescope.settings import add_flags, kind_value, kind_values, listing, overrides, value_at, whole_number
+from saescope.sites import Site
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,35 @@ def test_run_per_kind_flags_change_only_the_kinds_they_name():
     assert preset.overridden(seed=3).kind_splits == preset.kind_splits  # other settings: plain replace
     with pytest.raises(ValueError, match="site kind mlp_out given two values"):
         preset.overridden(kind_ks=("mlp_out=100", "mlp_out=150"))
+
+
+def test_a_value_by_layer_overrides_its_kinds_and_overlaps_are_refused():
+    """``mlp_out@12-17=5`` beside ``mlp_out=3``: the layers it names take 5, the kind's other
+    layers 3, other kinds the default; two terms naming one layer of a kind are refused."""
+    assert kind_value(" mlp_out@12-17 =05") == "mlp_out@12-17=5"
+    values = kind_values(("mlp_out=3", "mlp_out@12-17:5=5", "attn_z@0=2"))
+    at = {(layer, kind): value_at(values, Site(layer, kind)) for layer in (0, 11, 12, 13, 17) for kind in
+          ("mlp_out", "attn_z", "resid_post")}
+    assert [at[(layer, "mlp_out")] for layer in (0, 11, 12, 13, 17)] == [3, 3, 5, 3, 5]
+    assert [at[(layer, "attn_z")] for layer in (0, 11)] == [2, 1]
+    assert at[(13, "resid_post")] == 1 and value_at(values, Site(13, "resid_post"), 0) == 0
+    with pytest.raises(ValueError, match="mlp_out@12-17 and mlp_out@13 both name layer 13 of mlp_out"):
+        kind_values(("mlp_out@12-17=4", "mlp_out@13=5"))
+    with pytest.raises(ValueError, match="sites mlp_out@3 given two values"):
+        kind_values(("mlp_out@3=4", "mlp_out@3=5"))
+    for bad in ("mlp_out@=4", "mlp_out@5-2=4", "mlp_out@x=4", "noise@3=2", "mlp_out@3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind_value(bad)
+    args = build_parser().parse_args(["run", "--out", "x", "--kind-epochs", "mlp_out@13=5"])
+    assert args.kind_epochs == ("mlp_out@13=5",)
+
+
+def test_run_a_kind_term_replaces_the_presets_layer_terms_of_that_kind():
+    from saescope.presets import get_preset
+
+    preset = get_preset("default").replace(kind_epochs=("mlp_out=3", "mlp_out@13=6", "attn_z@2-4=2"))
+    assert preset.overridden(kind_epochs=("mlp_out=1",)).kind_epochs == ("attn_z@2-4=2", "mlp_out=1")
+    assert preset.overridden(kind_epochs=("mlp_out@12-14=5",)).kind_epochs == \
+        ("mlp_out=3", "attn_z@2-4=2", "mlp_out@12-14=5")
+    assert preset.overridden(kind_epochs=("attn_z@5=3",)).kind_epochs == \
+        ("mlp_out=3", "mlp_out@13=6", "attn_z@2-4=2", "attn_z@5=3")

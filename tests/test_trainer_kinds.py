@@ -7,6 +7,7 @@ import torch
 
 from saescope.activations.source import InMemorySource
 from saescope.sae.base import SAEConfig
+from saescope.sites import Site
 from saescope.train.plan import TrainPlan
 from saescope.train.recipe import Recipe
 from saescope.train.sae_trainer import SAETrainer
@@ -20,7 +21,7 @@ from trainer_kit import MLP, RECIPE, RESID, SPECS, Recording, TinySAE, make_data
 
 def test_recipe_split_keeps_warmups_in_tokens_and_refuses_bad_splits():
     recipe = RECIPE.replace(kind_splits=("mlp_out=2",), sparsity_warmup_steps=5)
-    assert (recipe.splits_at("mlp_out"), recipe.splits_at("resid_post")) == (2, 1)
+    assert (recipe.splits_at(MLP), recipe.splits_at(RESID)) == (2, 1)
     half = recipe.split(2)
     assert (half.batch_size, half.lr_warmup_steps, half.sparsity_warmup_steps, half.kind_splits) == (16, 6, 10, ())
     assert recipe.split(1) is recipe
@@ -88,6 +89,23 @@ def test_a_kind_with_two_epochs_trains_on_after_the_others_stop(tmp_path):
     assert Recipe.from_dict(json.loads(json.dumps(run.recipe.to_dict()))) == run.recipe  # a checkpoint's round trip
     with pytest.raises(ValueError, match="kind_epochs: .*noise=2"):
         RECIPE.replace(kind_epochs=("noise=2",))
+
+
+def test_epochs_and_splits_by_layer_act_at_that_layer_only(tmp_path):
+    """kind_epochs mlp_out@1=2 (the kit's mlp_out site is layer 1) is mlp_out=2; a term for a
+    layer the run lacks, or resid_post=2 undone at layer 0, changes nothing."""
+    by_layer = trainer(InMemorySource(make_data()), tmp_path / "a",
+                       recipe=RECIPE.replace(kind_epochs=("mlp_out@1=2", "resid_post=2", "resid_post@0=1",
+                                                          "mlp_out@5=3")))
+    by_kind = trainer(InMemorySource(make_data()), tmp_path / "b",
+                      recipe=RECIPE.replace(kind_epochs=("mlp_out=2",)))
+    for run in (by_layer, by_kind):
+        run.fit()
+    for a, b in zip(by_layer.trainers, by_kind.trainers):
+        assert a.n_steps == b.n_steps == (24 if a.site == MLP else 12), a.name
+        assert all(torch.equal(p, q) for p, q in zip(a.sae.parameters(), b.sae.parameters())), a.name
+    recipe = RECIPE.replace(kind_splits=("mlp_out@1=2", "mlp_out@0=4"))
+    assert (recipe.splits_at(MLP), recipe.splits_at(Site(0, "mlp_out")), recipe.splits_at(RESID)) == (2, 4, 1)
 
 
 def test_a_run_with_more_epochs_at_one_kind_resumes_bit_identically(tmp_path):

@@ -28,7 +28,7 @@ from argparse import ArgumentTypeError
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
-from saescope.settings import SITE_KINDS, check_kind_splits, kind_values
+from saescope.settings import SITE_KINDS, check_kind_splits, kind_values, value_at
 
 DTYPES = ("float32", "bfloat16")
 
@@ -241,13 +241,13 @@ class Recipe:
         rule.update(overrides)
         return cls(**rule)
 
-    def splits_at(self, kind: str) -> int:
-        """Adam steps per batch for SAEs at sites of ``kind`` (``kind_splits``; 1 if not named)."""
-        return kind_values(self.kind_splits).get(kind, 1)
+    def splits_at(self, site) -> int:
+        """Adam steps per batch for SAEs at ``site`` (``kind_splits``, by layer or kind; 1 if not named)."""
+        return value_at(kind_values(self.kind_splits), site)
 
-    def epochs_at(self, kind: str) -> int:
-        """Passes over the run's tokens for SAEs at sites of ``kind`` (``kind_epochs``; 1 if not named)."""
-        return kind_values(self.kind_epochs).get(kind, 1)
+    def epochs_at(self, site) -> int:
+        """Passes over the run's tokens for SAEs at ``site`` (``kind_epochs``, by layer or kind; 1 if not named)."""
+        return value_at(kind_values(self.kind_epochs), site)
 
     def split(self, n: int) -> Recipe:
         """This recipe for SAEs taking each batch as ``n`` parts: batches of batch_size / n, the

@@ -12,7 +12,7 @@ from typing import Any
 
 from saescope.release.layout import width_label
 from saescope.sae.transcoder import TRANSCODER_ARCHITECTURES, transcoder_architecture
-from saescope.settings import PAIR_KINDS, check_kind_splits, kind_values
+from saescope.settings import PAIR_KINDS, check_kind_splits, kind_values, value_at
 from saescope.sites import Site
 
 #: architectures whose sparsity is set by k (latents per token) rather than a coefficient λ
@@ -134,8 +134,8 @@ def sweep(
     or ``jumprelu_skip_transcoder`` with ``skip_connection``; likewise ``batchtopk``).
 
     With ``target_l0s`` (JumpReLU family) there is one SAE per target, each with the one λ of
-    ``sparsity_coefficients`` as the quadratic's weight.  ``kind_ks`` (``'attn_z=85'``, …; k
-    architectures): the one k of that kind's sites, in place of ``ks``."""
+    ``sparsity_coefficients`` as the quadratic's weight.  ``kind_ks`` (``'attn_z=85'``,
+    ``'mlp_out@13=150'``, …; k architectures): the one k of those sites, in place of ``ks``."""
     sites = list(sites)
     k_of_kind = kind_values(kind_ks)
     if k_of_kind and architecture not in K_ARCHITECTURES:
@@ -154,7 +154,8 @@ def sweep(
             raise ValueError(f"a target-L0 sweep takes exactly one sparsity coefficient, the quadratic's λ "
                              f"(--l0-coefficients; 0.01 on CPU: docs/gemma-scope-2.md), got {len(coefficients)}")
     values = list(ks) if architecture in K_ARCHITECTURES else (targets or coefficients)
-    if not values and not (k_of_kind and all(site.kind in k_of_kind for site in sites)):
+    k_at = {site: value_at(k_of_kind, site, 0) for site in sites}  # 0: no k of its own
+    if not values and not (k_of_kind and all(k_at.values())):
         what = "k values" if architecture in K_ARCHITECTURES else "sparsity coefficients or target L0s"
         raise ValueError(f"a {architecture} sweep needs at least one of its {what}")
     extra = {"prefixes": prefixes} if architecture in MATRYOSHKA else {}
@@ -165,7 +166,7 @@ def sweep(
     for site in sites:
         arch = transcoder_architecture(architecture, skip_connection) if site.kind in PAIR_KINDS else architecture
         for width in widths:
-            for value in ([k_of_kind[site.kind]] if site.kind in k_of_kind else values):
+            for value in ([k_at[site]] if k_at[site] else values):
                 if architecture in K_ARCHITECTURES:
                     specs.append(SAESpec(site, arch, width, k=int(value), seed=seed, **extra))
                 elif targets:

@@ -190,7 +190,7 @@ class Trainer:
 
     def _make_trainer(self, spec: SAESpec) -> SAETrainer:
         x_site, y_site = io_sites(spec.site)
-        split = self.recipe.splits_at(spec.site.kind)  # Adam steps per batch (Recipe.kind_splits)
+        split = self.recipe.splits_at(spec.site)  # Adam steps per batch (Recipe.kind_splits)
         cfg = SAEConfig(
             d_in=self.source.d_in[x_site],
             d_out=self.source.d_in[y_site],
@@ -217,7 +217,7 @@ class Trainer:
             sae.to(self.device),
             self.recipe.split(split),
             sparsity_coefficient=spec.sparsity_coefficient or 0.0,
-            n_steps=self.n_steps * split * self.recipe.epochs_at(spec.site.kind),
+            n_steps=self.n_steps * split * self.recipe.epochs_at(spec.site),
             input_scale=scale if math.isfinite(scale) else 1.0,
             input_norm=self._norms_of(spec)[x_site] if self.recipe.input_norm != "scalar" else None,
             target_scale=self.scales[y_site] if math.isfinite(self.scales[y_site]) else 1.0,
@@ -323,8 +323,8 @@ class Trainer:
         by_site: dict[Site, list[SAETrainer]] = {}
         for t in self.trainers:
             by_site.setdefault(t.site, []).append(t)
-        splits = {site: self.recipe.splits_at(site.kind) for site in by_site}  # Adam steps per batch
-        ends = {site: self.n_steps * self.recipe.epochs_at(site.kind) for site in by_site}  # Recipe.kind_epochs
+        splits = {site: self.recipe.splits_at(site) for site in by_site}  # Adam steps per batch
+        ends = {site: self.n_steps * self.recipe.epochs_at(site) for site in by_site}  # Recipe.kind_epochs
         last = max(ends.values())
         batches = self.source.iter_batches(B, seed=self.data_seed, skip_batches=start)
         bar = tqdm(total=last * B, initial=start * B, unit="tok", unit_scale=True,
